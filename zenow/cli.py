@@ -1,0 +1,111 @@
+"""The `zenow` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .errors import ZenowError, single_cause
+from .settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("zenow")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zenow",
+        description="Zenow: a local LLM backend. One HTTP API (port 8050) over local GGUF "
+        "models served by llama.cpp's llama-server, for chat (llm), embed and rerank.",
+    )
+    parser.add_argument("--version", action="version", version=f"zenow {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Run the zenow HTTP service until SIGINT or SIGTERM. Options override the "
+        "ZENOW_* environment variables, which override the defaults.",
+    )
+    serve.add_argument("--host", default=None, help="address to listen on (env ZENOW_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port to listen on (env ZENOW_PORT; default 8050)")
+    serve.add_argument(
+        "--home", type=Path, default=None,
+        help="directory zenow owns: the database zenow.db, models/{llm,embed,rerank}/, logs/ "
+        "(env ZENOW_HOME; default ~/.cache/zenow)",
+    )
+    serve.add_argument(
+        "--default-llm", type=Path, default=None, metavar="GGUF",
+        help="a GGUF file to register and load as the llm model when the home has no current "
+        "llm model (env ZENOW_DEFAULT_LLM)",
+    )
+    serve.add_argument(
+        "--llama-server", default=None, metavar="PATH",
+        help="the llama-server binary (env ZENOW_LLAMA_SERVER; default: llama-server on PATH, "
+        "then the one ops/provide-llama-server.sh built)",
+    )
+    serve.add_argument(
+        "--cors-origin", action="append", default=None, metavar="ORIGIN",
+        help="also allow this browser origin, exactly (repeatable; env ZENOW_CORS_ORIGINS, "
+        "comma-separated). Local origins are always allowed.",
+    )
+    serve.add_argument(
+        "--system-prompt", default=None,
+        help="default system prompt for chat (env ZENOW_SYSTEM_PROMPT)",
+    )
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return parser
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    from .service import serve
+
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, shutdown, nursery.cancel_scope)
+            await serve(settings, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: object, shutdown: trio.Event, scope: trio.CancelScope) -> None:
+    async for signum in signals:  # type: ignore[attr-defined]
+        if not shutdown.is_set():
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+        else:
+            log.warning("second signal: stopping now")
+            scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = Settings.from_environment(
+        host=args.host, port=args.port, home=args.home, default_llm=args.default_llm,
+        llama_server=args.llama_server,
+        cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
+        system_prompt=args.system_prompt,
+    )
+    try:
+        trio.run(_serve_until_signalled, settings)
+    except BaseException as exc:  # noqa: BLE001 - one line for known failures, traceback otherwise
+        cause = single_cause(exc)
+        if isinstance(cause, ZenowError):
+            print(f"zenow: {cause}", file=sys.stderr)
+            return 1
+        if isinstance(cause, KeyboardInterrupt):
+            return 0
+        raise
+    return 0

@@ -1,0 +1,125 @@
+"""Zenow's exception tree.
+
+Every error zenow raises on purpose is a `ZenowError`; the HTTP layer maps the
+middle classes to a status code in one place (`zenow.app`), and the message of
+the exception is the `detail` the client sees::
+
+    ZenowError
+    ├── InvalidRequest            400: the request is wrong; nothing was changed
+    │   ├── InvalidMode
+    │   ├── InvalidModelFile      not a GGUF file, or no file at the path
+    │   └── ContextOverflow       the request alone does not fit the context window
+    ├── NotFound                  404
+    │   ├── SessionNotFound
+    │   ├── ModelNotFound
+    │   └── DownloadNotFound
+    ├── ServerNotRunning          400: the mode's llama-server is not running
+    ├── ServerStartFailed         500: llama-server did not come up; says why
+    ├── UpstreamError             502: llama-server answered badly or went away
+    ├── DownloadFailed            the download ended in `failed`; says why
+    ├── StoreError                500: the database failed (translated from sqlite3)
+    └── ActorUnavailable          503: an actor crashed or stopped while serving the call
+
+Errors from libraries (sqlite3, httpx, OSError from spawning) are translated
+where they enter zenow, with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorUnavailable",
+    "ContextOverflow",
+    "DownloadFailed",
+    "DownloadNotFound",
+    "InvalidMode",
+    "InvalidModelFile",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NotFound",
+    "ServerNotRunning",
+    "ServerStartFailed",
+    "SessionNotFound",
+    "StoreError",
+    "UpstreamError",
+    "ZenowError",
+    "single_cause",
+]
+
+
+class ZenowError(Exception):
+    """Base of every error zenow raises on purpose; `str(error)` is the user-facing detail."""
+
+    status_code = 500
+
+    @property
+    def detail(self) -> str:
+        return str(self)
+
+
+class InvalidRequest(ZenowError):
+    status_code = 400
+
+
+class InvalidMode(InvalidRequest):
+    def __init__(self, mode: object) -> None:
+        super().__init__(f"Invalid mode {mode!r}: must be one of 'llm', 'embed', 'rerank'")
+
+
+class InvalidModelFile(InvalidRequest):
+    pass
+
+
+class ContextOverflow(InvalidRequest):
+    pass
+
+
+class NotFound(ZenowError):
+    status_code = 404
+
+
+class SessionNotFound(NotFound):
+    def __init__(self) -> None:
+        super().__init__("Session not found")
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class DownloadNotFound(NotFound):
+    pass
+
+
+class ServerNotRunning(ZenowError):
+    status_code = 400
+
+
+class ServerStartFailed(ZenowError):
+    status_code = 500
+
+
+class UpstreamError(ZenowError):
+    status_code = 502
+
+
+class DownloadFailed(ZenowError):
+    status_code = 502
+
+
+class StoreError(ZenowError):
+    status_code = 500
+
+
+class ActorUnavailable(ZenowError):
+    status_code = 503
+
+
+def single_cause(error: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else `error` itself.
+
+    Trio's nurseries wrap what a task raised in an exception group; where exactly one
+    thing went wrong, this is that thing.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -1,0 +1,6 @@
+"""HTTP routes, one module per part of the spec.  Routes are thin: parse and
+validate, make one call on an actor handle, render the answer."""
+
+from . import sessions, system
+
+blueprints = [system.bp, sessions.bp]

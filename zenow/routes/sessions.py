@@ -1,0 +1,137 @@
+"""Spec section 2: chat sessions and their messages."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint
+from quart_schema import validate_querystring, validate_request
+
+from ..errors import InvalidRequest
+from ..store import SessionInfo
+from ._context import services
+
+bp = Blueprint("sessions", __name__)
+
+SESSION_NAME_MAX = 50
+RENAME_MAX = 200
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class CreateSession(_Body):
+    first_message: str
+
+
+class RenameSession(_Body):
+    new_name: str
+
+
+class AddMessage(_Body):
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class SessionPage(BaseModel):
+    limit: int = Field(100, ge=0, le=10_000)
+    offset: int = Field(0, ge=0)
+
+
+class MessagePage(BaseModel):
+    limit: int | None = Field(None, ge=0)
+
+
+_INTEGER = re.compile(r"^-?\d{1,18}$")
+
+
+def parse_id(raw: str, field: str) -> int:
+    """A path segment as an integer id; raises `InvalidRequest` naming `field`."""
+    if not _INTEGER.match(raw):
+        raise InvalidRequest(f"{field}: must be an integer, got {raw!r}")
+    return int(raw)
+
+
+def session_name_from(first_message: str) -> str:
+    """The first message with whitespace collapsed, cut to 50 characters."""
+    name = " ".join(first_message.split())
+    return name[:SESSION_NAME_MAX] or "New chat"
+
+
+@bp.post("/api/sessions")
+@validate_request(CreateSession)
+async def create_session(data: CreateSession) -> dict[str, object]:
+    session = await services().store.create_session(session_name_from(data.first_message))
+    return {"session_id": session.id, "session_name": session.session_name}
+
+
+@bp.get("/api/sessions")
+@validate_querystring(SessionPage)
+async def list_sessions(query_args: SessionPage) -> dict[str, object]:
+    sessions, total = await services().store.list_sessions(query_args.limit, query_args.offset)
+    return {"sessions": [_session_json(s) for s in sessions], "total": total}
+
+
+@bp.get("/api/sessions/<session_id>")
+async def get_session(session_id: str) -> dict[str, object]:
+    return _session_json(await services().store.get_session(parse_id(session_id, "session_id")))
+
+
+@bp.put("/api/sessions/<session_id>/name")
+@validate_request(RenameSession)
+async def rename_session(session_id: str, data: RenameSession) -> dict[str, object]:
+    sid = parse_id(session_id, "session_id")
+    name = " ".join(data.new_name.split())
+    if not name:
+        raise InvalidRequest("new_name: must not be empty")
+    if len(name) > RENAME_MAX:
+        raise InvalidRequest(f"new_name: at most {RENAME_MAX} characters")
+    await services().store.rename_session(sid, name)
+    return {"success": True, "message": "Session name updated"}
+
+
+@bp.delete("/api/sessions/<session_id>")
+async def delete_session(session_id: str) -> dict[str, object]:
+    await services().store.delete_session(parse_id(session_id, "session_id"))
+    return {"success": True, "message": "Session deleted"}
+
+
+@bp.get("/api/sessions/<session_id>/messages")
+@validate_querystring(MessagePage)
+async def get_messages(session_id: str, query_args: MessagePage) -> dict[str, object]:
+    sid = parse_id(session_id, "session_id")
+    messages, total_tokens = await services().store.get_messages(sid, query_args.limit)
+    return {
+        "messages": [
+            {"id": m.id, "session_id": m.session_id, "role": m.role, "content": m.content,
+             "token_count": m.token_count, "created_at": m.created_at}
+            for m in messages
+        ],
+        "session_id": sid,
+        "total_tokens": total_tokens,
+    }
+
+
+@bp.post("/api/sessions/<session_id>/messages")
+@validate_request(AddMessage)
+async def add_message(session_id: str, data: AddMessage) -> dict[str, object]:
+    sid = parse_id(session_id, "session_id")
+    svc = services()
+    await svc.store.get_session(sid)  # 404 before spending a tokenizer call
+    tokens = await svc.tokens.count(data.content)
+    message = await svc.store.add_message(sid, data.role, data.content, tokens)
+    return {"message_id": message.id, "token_count": message.token_count}
+
+
+@bp.delete("/api/sessions/<session_id>/messages")
+async def clear_messages(session_id: str) -> dict[str, object]:
+    await services().store.clear_messages(parse_id(session_id, "session_id"))
+    return {"success": True, "message": "Messages cleared"}
+
+
+def _session_json(session: SessionInfo) -> dict[str, object]:
+    return asdict(session)

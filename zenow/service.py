@@ -1,0 +1,139 @@
+"""The whole service: the home lock, the listening socket, the supervised actors, hypercorn."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+from functools import partial
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from .actor import Supervisor
+from .app import create_app
+from .errors import ZenowError
+from .routes._context import Services
+from .settings import MODES, Settings
+from .store import Store, StoreActor
+from .tokens import TokenCounter
+
+__all__ = ["HomeInUse", "PortInUse", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class HomeInUse(ZenowError):
+    """Another zenow holds the home's lock."""
+
+
+class PortInUse(ZenowError):
+    """The address to listen on is taken."""
+
+
+class HomeLock:
+    """An exclusive lock on the home, held while the file stays open.
+
+    The kernel releases it when the process dies, however it dies.
+    """
+
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / "zenow.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HomeInUse(f"another zenow is already running with home {home}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; raises `PortInUse` naming the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} on {host} is already in use") from None
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 30
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run zenow until `shutdown` is set (or the call is cancelled).
+
+    Started means serving: `task_status` gets the (host, port) actually bound.
+    On shutdown, open requests get `settings.graceful_timeout` seconds, then every
+    actor stops, every llama-server child is terminated and reaped, and the
+    database is closed.  Raises `HomeInUse`, `PortInUse` or `StoreError` when it
+    cannot start.
+    """
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    lock = HomeLock(settings.home)
+    try:
+        for mode in MODES:
+            settings.mode_dir(mode).mkdir(parents=True, exist_ok=True)
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        listener = bind_listener(settings.host, settings.port)
+        with listener:
+            async with trio.open_nursery() as root:
+                supervisor = Supervisor(root)
+                store = Store(
+                    await supervisor.start(
+                        "store",
+                        partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
+                        critical=True,
+                    )
+                )
+                services = Services(settings=settings, store=store, tokens=TokenCounter())
+                app = create_app(services)
+                bound = listener.getsockname()[:2]
+                async with trio.open_nursery() as http:
+                    await http.start(
+                        partial(
+                            worker_serve,
+                            wrap_app(app, 2**24, "asgi"),
+                            _hypercorn_config(settings),
+                            sockets=Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[]),
+                            shutdown_trigger=shutdown.wait,
+                        )
+                    )
+                    log.info("zenow serving on http://%s:%d (home %s)", bound[0], bound[1], settings.home)
+                    task_status.started((bound[0], bound[1]))
+                log.info("zenow stopping")
+                root.cancel_scope.cancel()
+    finally:
+        lock.release()

@@ -1,0 +1,108 @@
+"""The one settings object, built once at start and handed down.
+
+Precedence: command-line options over environment variables over defaults.
+Nothing else in zenow reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Settings"]
+
+MODES: tuple[str, ...] = ("llm", "embed", "rerank")
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+DEFAULT_URLS: dict[str, list[str]] = {
+    "llm": [
+        "https://modelscope.cn/models/Qwen/Qwen2.5-0.5B-Instruct-GGUF/resolve/master/qwen2.5-0.5b-instruct-q4_0.gguf",
+        "https://modelscope.cn/models/unsloth/Qwen3-0.6B-GGUF/resolve/main/Qwen3-0.6B-Q4_K_M.gguf",
+    ],
+    "embed": [
+        "https://modelscope.cn/models/AI-ModelScope/bge-small-zh-v1.5-gguf/resolve/master/bge-small-zh-v1.5-q4_0.gguf",
+    ],
+    "rerank": [
+        "https://modelscope.cn/models/AI-ModelScope/bge-reranker-v2-m3-gguf/resolve/master/bge-reranker-v2-m3-q4_0.gguf",
+    ],
+}
+DEFAULT_BROWSER_PATH = "https://modelscope.cn/models"
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    if environ.get("ZENOW_HOME"):
+        return Path(environ["ZENOW_HOME"]).expanduser()
+    cache = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
+    return Path(cache).expanduser() / "zenow"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about one zenow process."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 8050
+    #: Extra CORS origins allowed beyond the built-in local ones (exact strings).
+    cors_origins: tuple[str, ...] = ()
+    #: llama-server binary; None means "look it up" (ZENOW_LLAMA_SERVER, PATH, the ops cache).
+    llama_server: str | None = None
+    #: A GGUF file to register and load as the llm model when the home has none.
+    default_llm: Path | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    default_urls: Mapping[str, list[str]] = field(default_factory=lambda: DEFAULT_URLS)
+    browser_path: str = DEFAULT_BROWSER_PATH
+    #: Seconds a stopping llama-server gets between SIGTERM and SIGKILL.
+    stop_grace: float = 5.0
+    #: Seconds allowed for llama-server to become healthy: base + per GiB of model file.
+    start_timeout_base: float = 30.0
+    start_timeout_per_gib: float = 60.0
+    #: Seconds a database write waits for a lock held by another connection.
+    db_busy_timeout: float = 5.0
+    #: Seconds a shutdown gives open HTTP requests before cancelling them.
+    graceful_timeout: float = 3.0
+    #: The PATH searched for llama-server (captured at start).
+    search_path: str = ""
+
+    @property
+    def database_path(self) -> Path:
+        return self.home / "zenow.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def mode_dir(self, mode: str) -> Path:
+        return self.models_dir / mode
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from `environ` (default: os.environ) and explicit overrides.
+
+        Overrides whose value is None are ignored, so unset command-line options fall
+        through to the environment and then to the defaults.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {"home": default_home(env)}
+        if env.get("ZENOW_HOST"):
+            values["host"] = env["ZENOW_HOST"]
+        if env.get("ZENOW_PORT"):
+            values["port"] = int(env["ZENOW_PORT"])
+        if env.get("ZENOW_CORS_ORIGINS"):
+            values["cors_origins"] = tuple(o.strip() for o in env["ZENOW_CORS_ORIGINS"].split(",") if o.strip())
+        if env.get("ZENOW_LLAMA_SERVER"):
+            values["llama_server"] = env["ZENOW_LLAMA_SERVER"]
+        if env.get("ZENOW_SYSTEM_PROMPT"):
+            values["system_prompt"] = env["ZENOW_SYSTEM_PROMPT"]
+        if env.get("ZENOW_DEFAULT_LLM"):
+            values["default_llm"] = Path(env["ZENOW_DEFAULT_LLM"])
+        values["search_path"] = env.get("PATH", "")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

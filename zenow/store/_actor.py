@@ -1,0 +1,121 @@
+"""The store actor: owns the one sqlite3 connection; `Store` is its handle."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import trio
+
+from ..actor import Actor, ActorRef
+from ..errors import StoreError
+from . import _queries as q
+from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
+
+__all__ = ["Store", "StoreActor"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StoreActor(Actor):
+    """Owns the database connection; runs each query in a worker thread, one at a time."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = q.BUSY_TIMEOUT_MS) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+
+    async def setup(self) -> None:
+        try:
+            self._conn = await trio.to_thread.run_sync(q.open_database, self._path, self._busy_timeout_ms)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            raise StoreError(f"Cannot open the database {self._path}: {exc}") from exc
+
+    async def teardown(self) -> None:
+        if self._conn is not None:
+            await trio.to_thread.run_sync(self._conn.close)
+            self._conn = None
+
+    async def execute(self, query: Callable[..., T], *args: Any) -> T:
+        assert self._conn is not None
+        try:
+            return await trio.to_thread.run_sync(query, self._conn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"Database error: {exc}") from exc
+
+
+class Store:
+    """Typed access to the store actor.  Every method raises `StoreError` when the
+    database fails, and `ActorUnavailable` when the store is down."""
+
+    def __init__(self, ref: ActorRef[StoreActor]) -> None:
+        self._ref = ref
+
+    async def _run(self, query: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args) -> T:
+        return await self._ref.call(StoreActor.execute, query, *args)
+
+    # sessions (raise SessionNotFound for an unknown id)
+    async def create_session(self, name: str) -> SessionInfo:
+        return await self._run(q.create_session, name)
+
+    async def get_session(self, session_id: int) -> SessionInfo:
+        return await self._run(q.get_session, session_id)
+
+    async def list_sessions(self, limit: int, offset: int) -> tuple[list[SessionInfo], int]:
+        return await self._run(q.list_sessions, limit, offset)
+
+    async def rename_session(self, session_id: int, name: str) -> None:
+        await self._run(q.rename_session, session_id, name)
+
+    async def delete_session(self, session_id: int) -> None:
+        await self._run(q.delete_session, session_id)
+
+    async def add_message(self, session_id: int, role: str, content: str, token_count: int) -> MessageInfo:
+        return await self._run(q.add_message, session_id, role, content, token_count)
+
+    async def get_messages(self, session_id: int, limit: int | None) -> tuple[list[MessageInfo], int]:
+        return await self._run(q.get_messages, session_id, limit)
+
+    async def newest_messages(self, session_id: int, before_id: int | None, count: int) -> list[MessageInfo]:
+        return await self._run(q.newest_messages, session_id, before_id, count)
+
+    async def set_token_counts(self, counts: Iterable[tuple[int, int]]) -> None:
+        await self._run(q.set_token_counts, list(counts))
+
+    async def clear_messages(self, session_id: int) -> None:
+        await self._run(q.clear_messages, session_id)
+
+    # models
+    async def register_model(
+        self, mode: str, name: str, path: str, source_url: str | None = None, size: int | None = None
+    ) -> ModelInfo:
+        return await self._run(q.register_model, mode, name, path, source_url, size)
+
+    async def list_models(self, mode: str | None) -> list[ModelInfo]:
+        return await self._run(q.list_models, mode)
+
+    async def find_model(self, mode: str, name: str) -> ModelInfo | None:
+        return await self._run(q.find_model, mode, name)
+
+    async def current_model(self, mode: str) -> ModelInfo | None:
+        return await self._run(q.current_model, mode)
+
+    async def set_current_model(self, mode: str, model_id: int | None) -> None:
+        await self._run(q.set_current_model, mode, model_id)
+
+    # parameters
+    async def get_parameters(self, mode: str) -> dict[str, Any]:
+        return await self._run(q.get_parameters, mode)
+
+    async def set_parameters(self, mode: str, values: dict[str, Any]) -> None:
+        await self._run(q.set_parameters, mode, values)
+
+    # downloads
+    async def save_download(self, record: DownloadRecord) -> None:
+        await self._run(q.save_download, record)
+
+    async def list_downloads(self) -> list[DownloadRecord]:
+        return await self._run(q.list_downloads)
