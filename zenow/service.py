@@ -118,7 +118,10 @@ async def serve(
                         critical=True,
                     )
                 )
-                services = Services(settings=settings, store=store, tokens=TokenCounter())
+                downloads = None  # wired by the downloads issue
+                services = Services(
+                    settings=settings, store=store, tokens=TokenCounter(), downloads=downloads
+                )
                 app = create_app(services)
                 bound = listener.getsockname()[:2]
                 async with trio.open_nursery() as http:
