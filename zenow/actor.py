@@ -106,6 +106,8 @@ class Actor:
     """
 
     nursery: trio.Nursery
+    #: The actor's own address, for messages its background tasks send it.
+    self_ref: ActorRef[Any]
 
     async def setup(self) -> None:
         return None
@@ -173,18 +175,20 @@ class Supervisor:
         raised, when the actor cannot start at all.
         """
         send, recv = trio.open_memory_channel[Request](MAILBOX_CAPACITY)
-        await self._nursery.start(self._supervise, name, factory, recv, critical)
-        return ActorRef(name, send)
+        ref: ActorRef[A] = ActorRef(name, send)
+        await self._nursery.start(self._supervise, ref, factory, recv, critical)
+        return ref
 
     async def _supervise(
         self,
-        name: str,
+        ref: ActorRef[Any],
         factory: Callable[[], Actor],
         inbox: trio.MemoryReceiveChannel[Request],
         critical: bool,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        name = ref.name
         policy = self._policy
         restarts: list[float] = []
         backoff = policy.backoff_initial
@@ -192,6 +196,7 @@ class Supervisor:
         try:
             while True:
                 actor = factory()
+                actor.self_ref = ref
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(actor.run, inbox)

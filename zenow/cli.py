@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll is noise
     settings = Settings.from_environment(
         host=args.host, port=args.port, home=args.home, default_llm=args.default_llm,
         llama_server=args.llama_server,

@@ -10,15 +10,18 @@ import socket
 from functools import partial
 from pathlib import Path
 
+import httpx
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
+from quart_trio import QuartTrio
 
 from .actor import Supervisor
 from .app import create_app
 from .errors import ZenowError
 from .routes._context import Services
+from .servers import ServerActor, ServerBoard, ServerHandle
 from .settings import MODES, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
@@ -107,36 +110,55 @@ async def serve(
         for mode in MODES:
             settings.mode_dir(mode).mkdir(parents=True, exist_ok=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
-        listener = bind_listener(settings.host, settings.port)
-        with listener:
-            async with trio.open_nursery() as root:
-                supervisor = Supervisor(root)
-                store = Store(
-                    await supervisor.start(
-                        "store",
-                        partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
-                        critical=True,
-                    )
-                )
-                downloads = None  # wired by the downloads issue
-                services = Services(
-                    settings=settings, store=store, tokens=TokenCounter(), downloads=downloads
-                )
-                app = create_app(services)
-                bound = listener.getsockname()[:2]
-                async with trio.open_nursery() as http:
-                    await http.start(
-                        partial(
-                            worker_serve,
-                            wrap_app(app, 2**24, "asgi"),
-                            _hypercorn_config(settings),
-                            sockets=Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[]),
-                            shutdown_trigger=shutdown.wait,
-                        )
-                    )
-                    log.info("zenow serving on http://%s:%d (home %s)", bound[0], bound[1], settings.home)
-                    task_status.started((bound[0], bound[1]))
-                log.info("zenow stopping")
-                root.cancel_scope.cancel()
+        with bind_listener(settings.host, settings.port) as listener:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False) as upstream:
+                async with trio.open_nursery() as root:
+                    services = await _start_actors(Supervisor(root), settings, upstream)
+                    await _serve_http(create_app(services), settings, listener, shutdown, task_status)
+                    log.info("zenow stopping")
+                    root.cancel_scope.cancel()
     finally:
         lock.release()
+
+
+async def _start_actors(supervisor: Supervisor, settings: Settings, upstream: httpx.AsyncClient) -> Services:
+    """Start every actor, in dependency order; return the handles routes use."""
+    store = Store(
+        await supervisor.start(
+            "store",
+            partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
+            critical=True,
+        )
+    )
+    downloads = None  # wired by the downloads issue
+    servers: dict[str, ServerHandle] = {}
+    for mode in MODES:
+        board = ServerBoard()
+        ref = await supervisor.start(
+            f"{mode} server", partial(ServerActor, mode, settings, store, board, downloads)
+        )
+        servers[mode] = ServerHandle(mode, ref, board, upstream)
+    return Services(
+        settings=settings, store=store, tokens=TokenCounter(servers["llm"].tokenize_count),
+        downloads=downloads, servers=servers,
+    )
+
+
+async def _serve_http(
+    app: QuartTrio, settings: Settings, listener: socket.socket, shutdown: trio.Event,
+    task_status: trio.TaskStatus[tuple[str, int]],
+) -> None:
+    """Serve `app` on `listener` until `shutdown`; open requests then get the graceful timeout."""
+    host, port = listener.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(
+                worker_serve,
+                wrap_app(app, 2**24, "asgi"),
+                _hypercorn_config(settings),
+                sockets=Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[]),
+                shutdown_trigger=shutdown.wait,
+            )
+        )
+        log.info("zenow serving on http://%s:%d (home %s)", host, port, settings.home)
+        task_status.started((host, port))

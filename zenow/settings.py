@@ -32,11 +32,15 @@ DEFAULT_URLS: dict[str, list[str]] = {
 DEFAULT_BROWSER_PATH = "https://modelscope.cn/models"
 
 
+def cache_root(environ: Mapping[str, str]) -> Path:
+    cache = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
+    return Path(cache).expanduser()
+
+
 def default_home(environ: Mapping[str, str]) -> Path:
     if environ.get("ZENOW_HOME"):
         return Path(environ["ZENOW_HOME"]).expanduser()
-    cache = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
-    return Path(cache).expanduser() / "zenow"
+    return cache_root(environ) / "zenow"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Settings:
     graceful_timeout: float = 3.0
     #: The PATH searched for llama-server (captured at start).
     search_path: str = ""
+    #: The user's cache directory, where ops/provide-llama-server.sh caches the binary it builds.
+    cache_root: Path = Path("~/.cache").expanduser()
 
     @property
     def database_path(self) -> Path:
@@ -104,5 +110,6 @@ class Settings:
         if env.get("ZENOW_DEFAULT_LLM"):
             values["default_llm"] = Path(env["ZENOW_DEFAULT_LLM"])
         values["search_path"] = env.get("PATH", "")
+        values["cache_root"] = cache_root(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

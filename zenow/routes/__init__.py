@@ -1,6 +1,6 @@
 """HTTP routes, one module per part of the spec.  Routes are thin: parse and
 validate, make one call on an actor handle, render the answer."""
 
-from . import sessions, system
+from . import models, sessions, system
 
-blueprints = [system.bp, sessions.bp]
+blueprints = [system.bp, sessions.bp, models.bp]

@@ -1,0 +1,102 @@
+"""Spec sections 1.1-1.3, 1.6, 1.7 and 4: the model registry, loading, parameters, server status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response, jsonify, request
+from quart_schema import validate_request
+
+from ..errors import InvalidMode, InvalidRequest, ModelNotFound, ZenowError
+from ..settings import MODES
+from ..store import ModelInfo
+from ._context import services
+
+bp = Blueprint("models", __name__)
+
+
+def mode_arg(value: object = None, *, default: str | None = "llm") -> str | None:
+    """The `mode` query argument (or `value`), checked; raises `InvalidMode` listing the valid ones."""
+    mode = request.args.get("mode", default) if value is None else value
+    if mode is None:
+        return None
+    if mode not in MODES:
+        raise InvalidMode(mode)
+    return str(mode)
+
+
+def model_json(model: ModelInfo | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    return {"id": model.id, "name": model.name, "path": model.path,
+            "is_downloaded": model.is_downloaded, "mode": model.mode}
+
+
+class LoadModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model_name: str = Field(min_length=1, max_length=200)
+    download_url: str | None = None
+    mode: str = "llm"
+
+
+@bp.get("/api/models/current")
+async def current_model() -> dict[str, Any] | None:
+    mode = mode_arg()
+    model = await services().store.current_model(mode)  # type: ignore[arg-type]
+    if model is None:
+        raise ModelNotFound(f"No {mode} model is loaded")
+    return model_json(model)
+
+
+@bp.get("/api/models/list")
+async def list_models() -> dict[str, Any]:
+    mode = mode_arg(default=None)
+    store = services().store
+    models = await store.list_models(mode)
+    current = await store.current_model(mode or "llm")
+    return {"models": [model_json(m) for m in models], "current_model": model_json(current)}
+
+
+@bp.post("/api/models/load")
+@validate_request(LoadModel)
+async def load_model(data: LoadModel) -> Response | dict[str, Any]:
+    mode = mode_arg(data.mode)
+    name = data.model_name.strip()
+    if name != data.model_name or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise InvalidRequest("model_name: must be a plain name (no path separators, no leading dot or spaces)")
+    try:
+        status = await services().servers[mode].load(name, data.download_url)
+    except ZenowError as exc:
+        # The original desktop front end reads `success` and `message`; the spec's clients read `detail`.
+        response = jsonify({"detail": exc.detail, "success": False, "message": exc.detail})
+        response.status_code = exc.status_code
+        return response
+    return {
+        "success": True,
+        "message": "Model loaded successfully",
+        "model_name": status.model_name,
+        "model_path": status.model_path,
+        "server_status": status.status,
+    }
+
+
+@bp.get("/api/server/status")
+@bp.get("/api/models/server_status")
+async def server_status() -> dict[str, Any]:
+    return services().servers[mode_arg()].status().to_json()  # type: ignore[no-any-return]
+
+
+@bp.get("/api/models/get_param")
+async def get_parameters() -> dict[str, Any]:
+    return services().servers[mode_arg()].parameters()  # type: ignore[no-any-return]
+
+
+@bp.post("/api/models/update_param")
+async def update_parameters() -> dict[str, Any]:
+    mode = mode_arg()
+    changes = await request.get_json()
+    requires_restart = await services().servers[mode].update_parameters(changes)
+    return {"success": True, "message": "Parameters updated successfully", "requires_restart": requires_restart}
+
+

@@ -1,0 +1,36 @@
+"""Finding the llama-server binary (the same order as ops/provide-llama-server.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import ServerStartFailed
+from ..settings import Settings
+
+#: The llama-cpp-python sdist whose vendored llama.cpp ops/provide-llama-server.sh builds.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+
+def cached_binary(cache_root: Path) -> Path:
+    return cache_root / "zenow-llama-server" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}" / "bin" / "llama-server"
+
+
+def find_llama_server(settings: Settings) -> str:
+    """The llama-server to run: the configured one, else `llama-server` on PATH, else the
+    one ops/provide-llama-server.sh built.  Raises `ServerStartFailed` saying how to get one."""
+    if settings.llama_server:
+        if os.access(settings.llama_server, os.X_OK) and os.path.isfile(settings.llama_server):
+            return settings.llama_server
+        raise ServerStartFailed(f"Failed to start llama-server: {settings.llama_server} is not an executable file")
+    on_path = shutil.which("llama-server", path=settings.search_path or None)
+    if on_path:
+        return on_path
+    built = cached_binary(settings.cache_root)
+    if os.access(built, os.X_OK):
+        return str(built)
+    raise ServerStartFailed(
+        "Failed to start llama-server: command not found. Run `make run` (it builds one with "
+        "ops/provide-llama-server.sh), or set ZENOW_LLAMA_SERVER / --llama-server to an existing binary."
+    )
