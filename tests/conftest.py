@@ -9,12 +9,12 @@ import httpx
 import pytest
 import trio
 
-from tests.support.harness import RunningZenow, start_zenow, test_settings
+from tests.support.harness import RunningZenow, start_zenow, make_settings
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return test_settings(tmp_path / "home")
+    return make_settings(tmp_path / "home")
 
 
 @pytest.fixture
@@ -26,3 +26,30 @@ async def zenow(nursery: trio.Nursery, settings) -> AsyncIterator[RunningZenow]:
 @pytest.fixture
 async def client(zenow: RunningZenow) -> httpx.AsyncClient:
     return zenow.client
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> str:
+    from tests.support.llama import real_llama_server
+
+    return real_llama_server()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from tests.support.llama import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of the three tiny GGUF models, written once per run."""
+    from tests.support import tiny_models as tm
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    return {
+        "llm": tm.write_tiny_llama(folder / "tiny-llama.gguf"),
+        "embed": tm.write_tiny_bert_embedding(folder / "tiny-bert-embed.gguf"),
+        "rerank": tm.write_tiny_bert_reranker(folder / "tiny-bert-rerank.gguf"),
+    }

@@ -201,9 +201,9 @@ async def test_a_database_failure_is_a_500_with_detail_and_zenow_keeps_serving(n
     import sqlite3
     from dataclasses import replace
 
-    from tests.support.harness import start_zenow, test_settings
+    from tests.support.harness import start_zenow, make_settings
 
-    settings = test_settings(tmp_path / "home", db_busy_timeout=0.2)
+    settings = make_settings(tmp_path / "home", db_busy_timeout=0.2)
     async with start_zenow(nursery, settings) as zenow:
         sid = (await create(zenow.client))["session_id"]
         blocker = sqlite3.connect(settings.database_path, isolation_level=None)

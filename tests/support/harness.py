@@ -21,7 +21,7 @@ from zenow.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_settings(home: Path, **overrides: object) -> Settings:
+def make_settings(home: Path, **overrides: object) -> Settings:
     """Settings for a test: port 0 on loopback, the given home, fast shutdown."""
     values: dict[str, object] = {"home": home, "host": "127.0.0.1", "port": 0, "graceful_timeout": 1.0}
     values.update(overrides)

