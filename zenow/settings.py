@@ -61,6 +61,8 @@ class Settings:
     browser_path: str = DEFAULT_BROWSER_PATH
     #: Seconds a stopping llama-server gets between SIGTERM and SIGKILL.
     stop_grace: float = 5.0
+    #: First delay before restarting a crashed llama-server (doubling, capped at 30 s).
+    restart_backoff: float = 1.0
     #: Seconds allowed for llama-server to become healthy: base + per GiB of model file.
     start_timeout_base: float = 30.0
     start_timeout_per_gib: float = 60.0

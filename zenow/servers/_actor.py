@@ -3,7 +3,7 @@
 States (the spec's): not_started → starting → running; a child that exits while
 it should run, or never becomes healthy, gives `error` (with the exit code and
 the last lines it printed) and is restarted with exponential backoff (1 s doubling
-to 30 s) until it fails `MAX_FAST_FAILURES` times without staying up for
+to 30 s; `Settings.restart_backoff` is the first delay) until it fails `MAX_FAST_FAILURES` times without staying up for
 `STABLE_AFTER` seconds; then it stays in `error` until the next load.
 
 The actor is the only writer of its state.  Loads, parameter updates and
@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import ModelNotFound, ServerNotRunning, ServerStartFailed, ZenowError
+from ..errors import InvalidModelFile, ModelNotFound, ServerNotRunning, ServerStartFailed, ZenowError
 from ..settings import Settings
 from ..store import ModelInfo, Store
 from ._binary import find_llama_server
@@ -44,7 +44,6 @@ Status = Literal["not_started", "starting", "running", "error", "stopped"]
 
 MAX_FAST_FAILURES = 5
 STABLE_AFTER = 60.0
-BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
 TAIL_LINES = 40
 
@@ -192,7 +191,9 @@ class ServerActor(Actor):
                         f"Model {model_name!r} not found for mode {self.mode}; "
                         "give a download_url to download it"
                     )
-                raise ModelNotFound(f"Model file of {model_name!r} is missing: {model.path}; give a download_url")
+                raise InvalidModelFile(
+                    f"Model file not found: {model.path}; give a download_url to download it again"
+                )
             if self.downloads is None:
                 raise ServerStartFailed("Downloads are not available")
             filename = f"{model_name}.gguf"
@@ -255,9 +256,9 @@ class ServerActor(Actor):
                 status, error_message=f"{status.error_message} (gave up after {len(self._failures)} failed starts)"
             ))
             return
-        delay = min(BACKOFF_INITIAL * 2 ** (len(self._failures) - 1), BACKOFF_MAX)
+        delay = min(self.settings.restart_backoff * 2 ** (len(self._failures) - 1), BACKOFF_MAX)
         generation = self._generation
-        log.info("%s: restarting in %.0f s", self.mode, delay)
+        log.info("%s: restarting in %.1f s", self.mode, delay)
 
         async def later() -> None:
             await trio.sleep(delay)
