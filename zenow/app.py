@@ -6,7 +6,6 @@ import logging
 import re
 from typing import Any
 
-from pydantic import ValidationError
 from quart import Response, jsonify, request
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
@@ -17,6 +16,7 @@ from . import __version__
 from .errors import ZenowError, single_cause
 from .routes import blueprints
 from .routes._context import Services
+from .routes._validation import describe_validation_error
 
 __all__ = ["create_app", "origin_allowed"]
 
@@ -49,20 +49,6 @@ class _JSONRequest(TrioRequest):
 
     def on_json_loading_failed(self, error: Exception) -> Any:
         raise BadRequest(f"Request body is not valid JSON: {error}")
-
-
-def describe_validation_error(error: Exception) -> str:
-    """One line naming each bad field, e.g. `role: Input should be 'user', 'assistant' or 'system'`."""
-    if not isinstance(error, ValidationError):
-        return str(error)
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        message = item["msg"]
-        if item["type"] == "model_type" or item["type"] == "dict_type":
-            message = "must be a JSON object"
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
 
 
 def _detail(status: int, detail: str, **extra: Any) -> Response:

@@ -19,6 +19,8 @@ from quart_trio import QuartTrio
 
 from .actor import Supervisor
 from .app import create_app
+from .chat import ChatStreamer, ChatStreamerActor
+from .downloads import DownloadActor, Downloads
 from .errors import ZenowError
 from .routes._context import Services
 from .servers import ServerActor, ServerBoard, ServerHandle
@@ -130,7 +132,7 @@ async def _start_actors(supervisor: Supervisor, settings: Settings, upstream: ht
             critical=True,
         )
     )
-    downloads = None  # wired by the downloads issue
+    downloads = Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store)))
     servers: dict[str, ServerHandle] = {}
     for mode in MODES:
         board = ServerBoard()
@@ -138,9 +140,12 @@ async def _start_actors(supervisor: Supervisor, settings: Settings, upstream: ht
             f"{mode} server", partial(ServerActor, mode, settings, store, board, downloads)
         )
         servers[mode] = ServerHandle(mode, ref, board, upstream)
+    tokens = TokenCounter(servers["llm"].tokenize_count)
+    chat = ChatStreamer(
+        await supervisor.start("chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens))
+    )
     return Services(
-        settings=settings, store=store, tokens=TokenCounter(servers["llm"].tokenize_count),
-        downloads=downloads, servers=servers,
+        settings=settings, store=store, tokens=tokens, downloads=downloads, servers=servers, chat=chat,
     )
 
 

@@ -14,6 +14,7 @@ from typing import BinaryIO
 __all__ = [
     "GGUF_MAGIC",
     "PartFile",
+    "existing_file",
     "file_size",
     "free_bytes",
     "has_gguf_magic",
@@ -103,3 +104,10 @@ class PartFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def existing_file(path: Path) -> tuple[int, bool] | None:
+    """(size, starts with the GGUF magic) of the file at `path`, or None when there is none."""
+    if not path.is_file():
+        return None
+    return file_size(path), has_gguf_magic(path)

@@ -1,0 +1,270 @@
+"""The chat streamer: builds prompts, streams replies from the llm server, saves turns.
+
+`ChatStreamer.open(request)` checks everything that can be refused (session, server,
+context window) and only then hands back a `ChatStream`: a receive channel of
+`Delta` / `Finished` / `Failed` events fed by a task in the streamer's nursery.
+That task holds the session's lock from storing the user's messages until the
+assistant's reply is saved, so two chats on one session never interleave.
+
+When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
+to llama-server is closed at once (generation stops, the slot is freed) and the
+partial reply is saved.  When llama-server fails mid-stream the consumer gets
+`Failed` and the partial reply is saved too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from ..actor import Actor, ActorRef
+from ..errors import ContextOverflow, ServerNotRunning, UpstreamError, ZenowError
+from ..servers import ServerHandle
+from ..store import Store
+from ..tokens import TokenCounter
+from ._events import Delta, Failed, Finished, StreamEvent
+from ._prompt import Turn, history_within
+
+__all__ = ["ChatRequest", "ChatResult", "ChatStream", "ChatStreamer", "ChatStreamerActor"]
+
+log = logging.getLogger(__name__)
+
+NOT_RUNNING = "LLM server is not running. Please select a model first."
+EVENT_BUFFER = 32
+HISTORY_PAGE = 200
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    session_id: int
+    messages: list[tuple[str, str]]  # (role, content), validated by the route
+    temperature: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class ChatStream:
+    """What a consumer reads; `cancel()` stops generation upstream at once."""
+
+    events: trio.MemoryReceiveChannel[StreamEvent]
+    scope: trio.CancelScope
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+        self.events.close()
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    content: str
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+
+
+@dataclass
+class _Prepared:
+    request: ChatRequest
+    endpoint: str
+    system: Turn | None
+    turns: list[Turn]
+    context_size: int
+    options: dict[str, Any]
+
+
+class ChatStreamerActor(Actor):
+    def __init__(self, store: Store, llm: ServerHandle, tokens: TokenCounter,
+                 read_timeout: float = 600.0) -> None:
+        self.store = store
+        self.llm = llm
+        self.tokens = tokens
+        self._locks: dict[int, tuple[trio.Lock, int]] = {}
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=4),
+        )
+
+    async def teardown(self) -> None:
+        await self._http.aclose()
+
+    async def open(self, request: ChatRequest) -> ChatStream:
+        """Refuse what must be refused, then start generating.
+
+        Raises `SessionNotFound`, `ServerNotRunning`, or `ContextOverflow` (with the counts).
+        """
+        await self.store.get_session(request.session_id)
+        status = self.llm.status()
+        if status.endpoint is None:
+            raise ServerNotRunning(NOT_RUNNING)
+        params = self.llm.parameters()
+        system_prompt = params.get("system_prompt") or ""
+        system = Turn("system", system_prompt, await self.tokens.count(system_prompt)) if system_prompt else None
+        turns = [Turn(role, content, await self.tokens.count(content)) for role, content in request.messages]
+        context_size = int(params["context_size"])
+        needed = (system.token_count if system else 0) + sum(t.token_count for t in turns)
+        if needed > context_size:
+            raise ContextOverflow(
+                f"messages: the request needs {needed} tokens (system prompt "
+                f"{system.token_count if system else 0} + messages {needed - (system.token_count if system else 0)}), "
+                f"more than the context window of {context_size} tokens"
+            )
+        options = {
+            "temperature": request.temperature if request.temperature is not None else params["temperature"],
+            "repeat_penalty": request.repeat_penalty if request.repeat_penalty is not None else params["repeat_penalty"],
+            "max_tokens": request.max_tokens if request.max_tokens is not None else params["max_tokens"],
+        }
+        prepared = _Prepared(request, status.endpoint, system, turns, context_size, options)
+        send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
+        scope = trio.CancelScope()
+        self.nursery.start_soon(self._generate, prepared, send, scope)
+        return ChatStream(receive, scope)
+
+    def _lock_for(self, session_id: int) -> trio.Lock:
+        lock, users = self._locks.get(session_id, (trio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        return lock
+
+    def _release(self, session_id: int) -> None:
+        lock, users = self._locks[session_id]
+        if users <= 1:
+            del self._locks[session_id]
+        else:
+            self._locks[session_id] = (lock, users - 1)
+
+    async def _history(self, session_id: int, before_id: int, budget: int) -> list[Turn]:
+        newest_first: list[Turn] = []
+        used = 0
+        cursor = before_id
+        while used <= budget:
+            page = await self.store.newest_messages(session_id, cursor, HISTORY_PAGE)
+            if not page:
+                break
+            for message in page:
+                newest_first.append(Turn(message.role, message.content, message.token_count))
+                used += message.token_count
+            cursor = page[-1].id
+        return history_within(budget, newest_first)
+
+    async def _generate(self, prepared: _Prepared, send: trio.MemorySendChannel[StreamEvent],
+                        scope: trio.CancelScope) -> None:
+        request = prepared.request
+        lock = self._lock_for(request.session_id)
+        parts: list[str] = []
+        try:
+            async with send, lock:
+                try:
+                    messages = await self._store_and_build(prepared)
+                except ZenowError as exc:
+                    with trio.move_on_after(1):
+                        await send.send(Failed(str(exc)))
+                    return
+                try:
+                    with scope:
+                        event = await self._stream_upstream(prepared, messages, parts, send)
+                        await send.send(event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the consumer went away; the upstream request is closed by now
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._save_reply(request.session_id, "".join(parts))
+        finally:
+            self._release(request.session_id)
+
+    async def _store_and_build(self, prepared: _Prepared) -> list[Turn]:
+        """Store the request's messages, then return the whole prompt: system, history, request."""
+        request = prepared.request
+        first_id = None
+        for turn in prepared.turns:
+            saved = await self.store.add_message(request.session_id, turn.role, turn.content, turn.token_count)
+            first_id = first_id if first_id is not None else saved.id
+        system_cost = prepared.system.token_count if prepared.system else 0
+        budget = prepared.context_size // 2 - system_cost
+        history = await self._history(request.session_id, first_id or 0, budget)
+        return ([prepared.system] if prepared.system else []) + history + prepared.turns
+
+    async def _stream_upstream(self, prepared: _Prepared, messages: list[Turn], parts: list[str],
+                               send: trio.MemorySendChannel[StreamEvent]) -> StreamEvent:
+        """Forward llama-server's deltas to `send`; return the closing event."""
+        payload = {
+            "messages": [{"role": t.role, "content": t.content} for t in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **prepared.options,
+        }
+        finish_reason: str | None = None
+        usage: dict[str, Any] | None = None
+        try:
+            async with self._http.stream("POST", f"{prepared.endpoint}/v1/chat/completions", json=payload) as response:
+                if response.status_code != 200:
+                    body = (await response.aread()).decode(errors="replace")
+                    return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == "[DONE]":
+                        return Finished(finish_reason, usage)
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        return Failed(f"llama-server failed: {_error_message(json.dumps(chunk))}")
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            parts.append(content)
+                            await send.send(Delta(content))
+                return Failed("llama-server ended the stream without [DONE]")
+        except httpx.HTTPError as exc:
+            return Failed(f"llama-server connection failed: {exc.__class__.__name__}: {exc}".rstrip(": "))
+        except json.JSONDecodeError as exc:
+            return Failed(f"llama-server sent malformed data: {exc}")
+
+    async def _save_reply(self, session_id: int, content: str) -> None:
+        if not content:
+            return
+        try:
+            tokens = await self.tokens.count(content)
+            await self.store.add_message(session_id, "assistant", content, tokens)
+        except Exception:  # noqa: BLE001 - never lose the stream over the save; say so loudly
+            log.exception("could not save the assistant reply of session %d", session_id)
+
+
+def _error_message(body: str) -> str:
+    try:
+        parsed = json.loads(body)
+        error = parsed.get("error", parsed)
+        return str(error.get("message", error) if isinstance(error, dict) else error)
+    except (ValueError, AttributeError):
+        return body.strip()[:500]
+
+
+class ChatStreamer:
+    """The chat streamer's handle."""
+
+    def __init__(self, ref: ActorRef[ChatStreamerActor]) -> None:
+        self._ref = ref
+
+    async def open(self, request: ChatRequest) -> ChatStream:
+        return await self._ref.call(ChatStreamerActor.open, request)
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        """Generate a whole reply.  Raises what `open` raises, or `UpstreamError`."""
+        stream = await self.open(request)
+        parts: list[str] = []
+        try:
+            async for event in stream.events:
+                if isinstance(event, Delta):
+                    parts.append(event.content)
+                elif isinstance(event, Failed):
+                    raise UpstreamError(event.message)
+                else:
+                    return ChatResult("".join(parts), event.finish_reason, event.usage)
+        finally:
+            stream.cancel()
+        raise UpstreamError("the reply ended without an end")

@@ -1,0 +1,18 @@
+"""Downloads: model files fetched over HTTP, resumable and checked, owned by one actor.
+
+Other code holds a `Downloads` handle: `start` (returns at once), `fetch` (waits for
+the end), `status`, `all`, `cancel`.  A file lands in `models/<mode>/<filename>` only
+once it is complete and checked, and is then registered as a model of its mode.
+
+Layering: `_target` checks a request (pure), `_headers` reads Content-Range and
+Content-Length (pure), `_files` does the blocking file work the actor runs in
+threads, `_actor` holds the actor, its transfer tasks and the handle.
+"""
+
+from ._actor import CANCELLED as CANCELLED
+from ._actor import INTERRUPTED as INTERRUPTED
+from ._actor import DownloadActor as DownloadActor
+from ._actor import DownloadPolicy as DownloadPolicy
+from ._actor import Downloads as Downloads
+from ._progress import progress_percent as progress_percent
+from ._target import DownloadTarget as DownloadTarget

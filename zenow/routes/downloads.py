@@ -1,0 +1,79 @@
+"""Spec sections 1.4, 1.5 and 1.8: model downloads, their progress, the default URLs; and cancel."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from quart import Blueprint
+from quart_schema import validate_querystring, validate_request
+
+from ..downloads import CANCELLED, Downloads, progress_percent
+from ..store import DownloadRecord
+from ._context import services
+
+bp = Blueprint("downloads", __name__)
+
+
+class StartDownload(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    url: str
+    filename: str | None = None
+    mode: str = "llm"
+    #: Beyond the spec: the hex SHA-256 the file must have.
+    sha256: str | None = None
+
+
+class StatusQuery(BaseModel):
+    url: str | None = None
+
+
+class CancelQuery(BaseModel):
+    url: str
+
+
+def _downloads() -> Downloads:
+    return services().downloads  # type: ignore[no-any-return]
+
+
+@bp.post("/api/models/download")
+@validate_request(StartDownload)
+async def start_download(data: StartDownload) -> dict[str, object]:
+    record = await _downloads().start(data.url, data.filename, data.mode, data.sha256)
+    message = "Already downloaded" if record.status == "completed" else "Download started"
+    return {"success": True, "url": data.url, "mode": data.mode, "message": message}
+
+
+@bp.get("/api/models/download/status")
+@validate_querystring(StatusQuery)
+async def download_status(query_args: StatusQuery) -> dict[str, object]:
+    if query_args.url is None:
+        return {"success": True, "downloads": [download_json(r) for r in await _downloads().all()]}
+    return {"success": True, "download": download_json(await _downloads().status(query_args.url))}
+
+
+@bp.delete("/api/models/download")
+@validate_querystring(CancelQuery)
+async def cancel_download(query_args: CancelQuery) -> dict[str, object]:
+    record = await _downloads().cancel(query_args.url)
+    message = "Download cancelled" if record.error == CANCELLED else f"Download is not running ({record.status})"
+    return {"success": True, "message": message, "download": download_json(record)}
+
+
+@bp.get("/api/downloads/default-urls")
+async def default_urls() -> dict[str, object]:
+    settings = services().settings
+    return {"urls": {mode: list(urls) for mode, urls in settings.default_urls.items()},
+            "browser_path": settings.browser_path}
+
+
+def download_json(record: DownloadRecord) -> dict[str, object]:
+    """A download as the spec shows it (section 1.5)."""
+    return {
+        "url": record.url,
+        "filename": record.filename,
+        "status": record.status,
+        "downloaded": record.downloaded,
+        "total": record.total,
+        "progress": progress_percent(record),
+        "error": record.error,
+    }
