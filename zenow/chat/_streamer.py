@@ -14,6 +14,7 @@ partial reply is saved.  When llama-server fails mid-stream the consumer gets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -163,15 +164,18 @@ class ChatStreamerActor(Actor):
                     with trio.move_on_after(1):
                         await send.send(Failed(str(exc)))
                     return
+                closing: StreamEvent | None = None
                 try:
                     with scope:
-                        event = await self._stream_upstream(prepared, messages, parts, send)
-                        await send.send(event)
+                        closing = await self._stream_upstream(prepared, messages, parts, send)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the consumer went away; the upstream request is closed by now
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._save_reply(request.session_id, "".join(parts))
+                if closing is not None:  # sent after the save: a client that saw the end finds the reply stored
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await send.send(closing)
         finally:
             self._release(request.session_id)
 
