@@ -1,0 +1,221 @@
+"""/api/chat validation, interruption and ordering, with the fake llama-server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import trio
+
+from tests.support.harness import make_settings, start_zenow, wait_for
+from tests.support.llama import FAKE_LLAMA_SERVER
+from zenow.chat import Turn, history_within
+
+
+@pytest.fixture
+def event_log(tmp_path, monkeypatch):
+    path = tmp_path / "fake-events.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_EVENT_LOG", str(path))
+    return path
+
+
+def events(path, kind=None):
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+@pytest.fixture
+async def fake(nursery, tmp_path, event_log):
+    home = tmp_path / "home"
+    (home / "models" / "llm").mkdir(parents=True)
+    (home / "models" / "llm" / "fake.gguf").write_bytes(b"GGUF" + bytes(64))
+    settings = make_settings(home, llama_server=str(FAKE_LLAMA_SERVER))
+    async with start_zenow(nursery, settings) as zenow:
+        assert (await zenow.client.post("/api/models/load", json={"model_name": "fake"})).status_code == 200
+        yield zenow
+
+
+async def respawn(zenow):
+    """Load the model again: the fake child restarts with the test's FAKE_LLAMA_* environment."""
+    assert (await zenow.client.post("/api/models/load", json={"model_name": "fake"})).status_code == 200
+
+
+async def session(client):
+    return (await client.post("/api/sessions", json={"first_message": "hi"})).json()["session_id"]
+
+
+async def stored(client, sid):
+    return (await client.get(f"/api/sessions/{sid}/messages")).json()["messages"]
+
+
+def ask(sid, text="hello there", **extra):
+    return {"session_id": sid, "stream": True, "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def test_a_client_disconnect_stops_generation_upstream_at_once(fake, monkeypatch, event_log):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
+    await respawn(fake)
+    sid = await session(fake.client)
+    received = []
+    async with fake.client.stream("POST", "/api/chat", json=ask(sid)) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                received.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+            if len(received) == 5:
+                break
+        closed_at = time.time()
+    gone = await wait_for(lambda: _first(event_log, "client_disconnected"), timeout=5, what="upstream disconnect")
+    assert gone["time"] - closed_at < 0.1, f"generation went on for {gone['time'] - closed_at:.3f} s"
+    assert gone["tokens_sent"] < 400
+
+    async def saved():
+        messages = await stored(fake.client, sid)
+        return messages if len(messages) == 2 else None
+
+    user, partial = await wait_for(saved, timeout=5, what="the partial reply to be saved")
+    assert user["content"] == "hello there"
+    assert partial["role"] == "assistant" and partial["content"].startswith("".join(received))
+    assert len(partial["content"]) < len("Hello from the fake server." * 70)
+
+
+async def _first(path, kind):
+    found = events(path, kind)
+    return found[0] if found else None
+
+
+async def test_a_crash_mid_stream_gives_an_error_event_and_keeps_the_partial_reply(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_CRASH_MID_STREAM", "3")
+    await respawn(fake)
+    sid = await session(fake.client)
+    async with fake.client.stream("POST", "/api/chat", json=ask(sid)) as response:
+        raw = "".join([chunk async for chunk in response.aiter_text()])
+    frames = [json.loads(f[6:]) if f != "data: [DONE]" else "[DONE]" for f in raw.split("\n\n")[:-1]]
+    assert frames[-1] == "[DONE]" and "llama-server" in frames[-2]["error"]
+    deltas = [f["choices"][0]["delta"]["content"] for f in frames[:-2]]
+    assert 3 <= len(deltas) < 6 and "".join(deltas).startswith("Hello from the")
+    messages = await stored(fake.client, sid)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"] == "".join(deltas)
+
+
+async def test_two_chats_on_one_session_come_out_in_order(fake, monkeypatch, event_log):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.02")
+    await respawn(fake)
+    sid = await session(fake.client)
+    bodies = {}
+
+    async def chat(text):
+        async with fake.client.stream("POST", "/api/chat", json=ask(sid, text)) as response:
+            bodies[text] = "".join([chunk async for chunk in response.aiter_text()])
+
+    async with trio.open_nursery() as both:
+        both.start_soon(chat, "first question")
+        await trio.sleep(0.01)
+        both.start_soon(chat, "second question")
+    assert all(body.endswith("data: [DONE]\n\n") for body in bodies.values())
+    messages = await stored(fake.client, sid)
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "first question"), ("assistant", "Hello from the fake server."),
+        ("user", "second question"), ("assistant", "Hello from the fake server."),
+    ]
+    prompts = [e["body"]["messages"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"]
+    assert [m["content"] for m in prompts[1]][1:] == [
+        "first question", "Hello from the fake server.", "second question"]
+
+
+async def test_the_prompt_is_system_history_then_request_with_chosen_options(fake, event_log):
+    sid = await session(fake.client)
+    await fake.client.post("/api/models/update_param", json={"system_prompt": "Be terse.", "temperature": 0.3})
+    await fake.client.post("/api/chat", json={**ask(sid, "one"), "stream": False})
+    answer = await fake.client.post("/api/chat", json={**ask(sid, "two"), "stream": False, "max_tokens": 2,
+                                                       "repeat_penalty": 1.5})
+    body = answer.json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from"}
+    assert body["choices"][0]["finish_reason"] == "length" and body["session_id"] == sid
+    sent = [e["body"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"][-1]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "Hello from the fake server."}, {"role": "user", "content": "two"},
+    ]
+    assert (sent["temperature"], sent["repeat_penalty"], sent["max_tokens"]) == (0.3, 1.5, 2)
+
+
+async def test_history_takes_whole_newest_messages_within_half_the_context(fake, event_log):
+    client = fake.client
+    await client.post("/api/models/update_param", json={"context_size": 128})
+    sid = await session(client)
+    for i in range(40):
+        await client.post(f"/api/sessions/{sid}/messages", json={"role": "user", "content": f"question number {i}"})
+        await client.post(f"/api/sessions/{sid}/messages", json={"role": "assistant", "content": f"answer {i} is {i}"})
+    history = await stored(client, sid)
+    system = (await client.get("/api/models/get_param")).json()["system_prompt"]
+    system_tokens = len(system.split())  # the fake counts one token per word
+    expected = history_within(64 - system_tokens, [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(history)])
+    await client.post("/api/chat", json={**ask(sid, "now"), "stream": False})
+    sent = [e["body"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"][-1]["messages"]
+    assert sent[1:-1] == [{"role": t.role, "content": t.content} for t in expected]
+    assert sent[1]["role"] == "user" and len(expected) < 80
+    assert sum(t.token_count for t in expected) <= 64 - system_tokens
+
+
+async def test_a_request_larger_than_the_context_is_refused_with_counts(fake):
+    await fake.client.post("/api/models/update_param", json={"context_size": 64})
+    sid = await session(fake.client)
+    answer = await fake.client.post("/api/chat", json=ask(sid, "word " * 100))
+    assert answer.status_code == 400
+    detail = answer.json()["detail"]
+    assert "context window of 64 tokens" in detail and "messages 100" in detail
+    assert await stored(fake.client, sid) == []  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "session_id is required. Please create a session first."),
+        ({"session_id": None, "messages": [{"role": "user", "content": "x"}]}, 400, "session_id is required. Please create a session first."),
+        ({"session_id": 999_999, "messages": [{"role": "user", "content": "x"}]}, 404, "Session not found"),
+    ],
+)
+async def test_session_errors_have_the_spec_texts(client, body, status, detail):
+    answer = await client.post("/api/chat", json=body)
+    assert answer.status_code == status
+    assert answer.json() == {"detail": detail}
+
+
+async def test_no_running_llm_is_a_400_with_the_spec_text(client):
+    sid = await session(client)
+    answer = await client.post("/api/chat", json=ask(sid))
+    assert answer.status_code == 400
+    assert answer.json() == {"detail": "LLM server is not running. Please select a model first."}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"messages": None}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user"}]}, "content"),
+        ({"temperature": 2.1}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"repeat_penalty": 0.9}, "repeat_penalty"),
+        ({"repeat_penalty": 2.5}, "repeat_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"mode": "embed"}, "mode"),
+        ({"session_id": "one"}, "session_id"),
+        ({"message": {"role": "user", "content": "x"}}, "messages"),  # both forms at once
+    ],
+)
+async def test_bad_chat_requests_are_400s_naming_the_field(fake, change, field):
+    sid = await session(fake.client)
+    body = {**ask(sid), **change}
+    if body.get("messages") is None:
+        body.pop("messages")
+    answer = await fake.client.post("/api/chat", json=body)
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["detail"]
+    assert await stored(fake.client, sid) == []
