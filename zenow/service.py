@@ -21,9 +21,9 @@ from .actor import Supervisor
 from .app import create_app
 from .chat import ChatStreamer, ChatStreamerActor
 from .downloads import DownloadActor, Downloads
-from .errors import ZenowError
+from .errors import ServerStartFailed, ZenowError
 from .routes._context import Services
-from .servers import ServerActor, ServerBoard, ServerHandle
+from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server
 from .settings import MODES, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
@@ -125,6 +125,10 @@ async def serve(
 
 async def _start_actors(supervisor: Supervisor, settings: Settings, upstream: httpx.AsyncClient) -> Services:
     """Start every actor, in dependency order; return the handles routes use."""
+    try:
+        log.info("llama-server: %s", find_llama_server(settings))
+    except ServerStartFailed as exc:
+        log.warning("%s", exc)  # zenow still serves sessions; loads will say the same
     store = Store(
         await supervisor.start(
             "store",
