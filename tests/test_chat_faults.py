@@ -39,8 +39,11 @@ async def fake(nursery, tmp_path, event_log):
 
 
 async def respawn(zenow):
-    """Load the model again: the fake child restarts with the test's FAKE_LLAMA_* environment."""
-    assert (await zenow.client.post("/api/models/load", json={"model_name": "fake"})).status_code == 200
+    """Restart the fake child (a server parameter change does) so it takes the test's FAKE_LLAMA_* environment."""
+    threads = (await zenow.client.get("/api/models/get_param")).json()["threads"]
+    answer = await zenow.client.post("/api/models/update_param", json={"threads": threads + 1})
+    assert answer.json()["requires_restart"] is True
+    assert (await zenow.client.get("/api/server/status")).json()["status"] == "running"
 
 
 async def session(client):

@@ -236,3 +236,12 @@ async def test_parameter_defaults_follow_the_spec(client):
     assert embed["normalize"] is True and embed["truncate"] is True
     rerank = (await client.get("/api/models/get_param", params={"mode": "rerank"})).json()
     assert set(rerank) == {"context_size", "threads", "gpu_layers", "batch_size"}
+
+
+async def test_loading_the_running_model_again_keeps_its_server(nursery, fake_settings):
+    async with start_zenow(nursery, fake_settings) as zenow:
+        await load(zenow.client, "alpha")
+        (child,) = llama_children(os.getpid())
+        again = await load(zenow.client, "alpha")
+        assert again.json()["server_status"] == "running"
+        assert llama_children(os.getpid()) == [child]

@@ -201,6 +201,10 @@ class ServerActor(Actor):
             model = await self.store.register_model(
                 self.mode, model_name, str(self.settings.mode_dir(self.mode) / filename), download_url
             )
+        current = self.board.status
+        if current.status == "running" and current.model_path == model.path:
+            await self.store.set_current_model(self.mode, model.id)
+            return current  # already serving this model: nothing to restart
         await self._switch_to(model)
         return self.board.status
 
