@@ -206,7 +206,10 @@ class DownloadActor(Actor):
                 )
 
         final = self._final_path(target)
-        existing = await trio.to_thread.run_sync(files.existing_file, final)
+        try:
+            existing = await trio.to_thread.run_sync(files.existing_file, final)
+        except OSError as exc:
+            raise DownloadFailed(f"Cannot check {final}: {exc.strerror or exc}") from exc
         if existing is not None:
             size, is_gguf = existing
             if not is_gguf:
@@ -217,6 +220,7 @@ class DownloadActor(Actor):
             self._downloads[target.url] = download
             return _Begun(download.record(), None)
 
+        await self._claim_part(target)
         on_disk = await trio.to_thread.run_sync(files.file_size, self._part_path(target))
         same_file = current is not None and (current.target.mode, current.target.filename) == (
             target.mode, target.filename)
@@ -244,6 +248,19 @@ class DownloadActor(Actor):
         assert download.scope is not None
         download.scope.cancel()
         return download.record(), download.outcome
+
+    async def _claim_part(self, target: DownloadTarget) -> None:
+        """Discard a `.part` of the same file left by a download of another URL: its bytes are not ours."""
+        for other in self._downloads.values():
+            if (other.target.url != target.url and other.status == "failed" and other.downloaded
+                    and (other.target.mode, other.target.filename) == (target.mode, target.filename)):
+                log.info("%s replaces the partial download of %s", target.url, other.target.url)
+                try:
+                    await trio.to_thread.run_sync(files.remove_file, self._part_path(target))
+                except OSError as exc:
+                    raise DownloadFailed(f"Cannot remove {self._part_path(target)}: {exc.strerror}") from exc
+                other.downloaded = 0
+                await self._store.save_download(other.record())
 
     def _find(self, url: str) -> _Download:
         download = self._downloads.get(url)
@@ -273,7 +290,13 @@ class DownloadActor(Actor):
         except _Failure as failure:
             error = failure.reason
             if failure.discard_part:
-                await trio.to_thread.run_sync(files.remove_file, self._part_path(download.target))
+                try:
+                    await trio.to_thread.run_sync(files.remove_file, self._part_path(download.target))
+                    download.downloaded = 0  # nothing of it is kept
+                except OSError as exc:
+                    log.warning("download of %s: cannot remove its .part: %s", download.target.url, exc)
+        except OSError as exc:
+            error = f"file error: {exc}"
         except Exception as exc:  # a bug must fail this download, not every other one
             log.exception("download of %s failed unexpectedly", download.target.url)
             error = f"internal error: {type(exc).__name__}: {exc}"
@@ -282,16 +305,20 @@ class DownloadActor(Actor):
             download.error = error
             download.outcome = download.scope = None
             record = download.record()
+            expected = error in (None, CANCELLED, INTERRUPTED)
             with trio.CancelScope(shield=True), trio.move_on_after(_STORE_WRITE_TIMEOUT):
                 try:
                     await self._store.save_download(record)
                 except ZenowError as exc:
-                    log.warning("could not save the state of the download of %s: %s", record.url, exc)
+                    # at shutdown the store may stop first; the next start marks the record itself
+                    log.log(logging.INFO if error == INTERRUPTED else logging.WARNING,
+                            "could not save the state of the download of %s: %s", record.url, exc)
             outcome.publish(record)
             if error is None:
                 log.info("downloaded %s to %s", record.url, self._final_path(download.target))
             else:
-                log.warning("download of %s failed: %s", record.url, error)
+                log.log(logging.INFO if expected else logging.WARNING,
+                        "download of %s ended: %s", record.url, error)
 
     async def _download(self, download: _Download) -> None:
         """Fetch until the `.part` is complete, check it, rename it into place and register the model.

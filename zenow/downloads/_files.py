@@ -69,7 +69,9 @@ def remove_file(path: Path) -> None:
 
 
 def promote(part: Path, final: Path) -> None:
-    """Rename the complete `.part` to its final name, and make the rename durable."""
+    """Rename the complete `.part` to its final name once its bytes are on the disk; make the rename durable."""
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())  # a no-op when the writer synced it; needed for a .part from an earlier run
     os.replace(part, final)
     fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
