@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from zenow.actor import Actor, RestartPolicy, Supervisor
-from zenow.errors import ActorUnavailable, InvalidRequest
+from zenow.errors import ActorCrashed, ActorUnavailable, InvalidRequest
 
 
 class Counter(Actor):
@@ -44,8 +44,8 @@ async def test_calls_are_served_in_order_and_domain_errors_are_answers(nursery):
 async def test_a_crashed_actor_is_restarted_with_fresh_state(nursery, autojump_clock):
     ref = await Supervisor(nursery).start("counter", Counter)
     await ref.call(Counter.add, 10)
-    with pytest.raises(RuntimeError, match="bug"):
-        await ref.call(Counter.crash)  # the caller gets the original error
+    with pytest.raises(ActorCrashed, match="RuntimeError: bug"):
+        await ref.call(Counter.crash)  # the caller gets an error naming the bug
     assert await ref.call(Counter.add, 1) == 1  # a new instance serves the same address
     assert Counter.instances == 2
 
@@ -54,7 +54,7 @@ async def test_a_non_critical_actor_that_keeps_crashing_is_given_up(nursery, aut
     policy = RestartPolicy(max_restarts=3, window=60)
     ref = await Supervisor(nursery, policy).start("counter", Counter)
     for _ in range(4):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ActorCrashed):
             await ref.call(Counter.crash)
     with pytest.raises(ActorUnavailable):
         await ref.call(Counter.add, 1)
@@ -66,7 +66,7 @@ async def test_a_critical_actor_that_keeps_crashing_stops_its_supervisor(autojum
         async with trio.open_nursery() as nursery:
             ref = await Supervisor(nursery, RestartPolicy(max_restarts=1)).start("store", Counter, critical=True)
             for _ in range(2):
-                with pytest.raises(RuntimeError):
+                with pytest.raises(ActorCrashed):
                     await ref.call(Counter.crash)
             await trio.sleep_forever()
     assert caught.group_contains(RuntimeError, match="bug")
@@ -95,3 +95,20 @@ async def test_a_cancelled_caller_does_not_cancel_the_work(nursery):
         await ref.call(Slow.work)
     with trio.fail_after(5):
         await Slow.done.wait()
+
+
+async def test_a_caller_never_receives_the_actors_cancellation(nursery):
+    class Busy(Actor):
+        async def setup(self) -> None:
+            async def crash_later() -> None:
+                await trio.sleep(0.05)
+                raise RuntimeError("background bug")
+
+            self.nursery.start_soon(crash_later)
+
+        async def wait(self) -> None:
+            await trio.sleep_forever()
+
+    ref = await Supervisor(nursery).start("busy", Busy)
+    with pytest.raises(ActorUnavailable):
+        await ref.call(Busy.wait)  # the actor crashed under us: not a stray Cancelled

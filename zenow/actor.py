@@ -17,7 +17,7 @@ Restart policy (one for every actor, see `RestartPolicy`):
 * an operation that raises a `ZenowError` is an answer, not a crash: the caller
   gets the error and the actor goes on;
 * any other exception, in an operation or in one of the actor's own background
-  tasks, crashes the actor: the caller (if any) gets the exception, the
+  tasks, crashes the actor: the caller (if any) gets `ActorCrashed` naming it, the
   supervisor logs the traceback and starts a fresh instance after a backoff
   (0.1 s doubling to 5 s), at most `max_restarts` times within `window` seconds;
 * past that, a *critical* actor (the store) stops zenow with its error, since
@@ -36,7 +36,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 import outcome
 import trio
 
-from .errors import ActorUnavailable, ZenowError, single_cause
+from .errors import ActorCrashed, ActorUnavailable, ZenowError, single_cause
 
 __all__ = ["Actor", "ActorRef", "Request", "RestartPolicy", "Supervisor"]
 
@@ -85,6 +85,14 @@ class ActorRef(Generic[A]):
             except trio.EndOfChannel:
                 raise ActorUnavailable(f"The {self.name} stopped while serving the request") from None
         return result.unwrap()
+
+    async def tell(self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args) -> None:
+        """Queue `operation(actor, *args)` without waiting for its result; waits for room
+        in the mailbox.  Raises `ActorUnavailable` if the actor is gone."""
+        try:
+            await self._send.send(Request(operation, args, None))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorUnavailable(f"The {self.name} cannot take messages") from None
 
     def cast(self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args) -> None:
         """Queue `operation(actor, *args)` without waiting for it (used by an actor's own tasks).
@@ -135,18 +143,33 @@ class Actor:
                 await self.teardown()
 
     async def _serve(self, request: Request) -> None:
-        result = await outcome.acapture(request.operation, self, *request.args)
+        crash: Exception | None = None
+        try:
+            result: outcome.Outcome[Any] = outcome.Value(await request.operation(self, *request.args))
+        except ZenowError as exc:
+            result = outcome.Error(exc)
+            if request.reply is None:
+                log.warning("%s: %s", type(self).__name__, exc)
+        except Exception as exc:
+            # A bug, not an answer: the caller gets its own error naming it, and we
+            # crash so the supervisor restarts us with fresh state.
+            crash = exc
+            result = outcome.Error(ActorCrashed(f"Internal error in {type(self).__name__}: "
+                                                f"{type(exc).__name__}: {exc}"))
+        except BaseException:
+            # Cancelled (shutdown, or a crash elsewhere in this actor) is not the caller's:
+            # closing the reply channel makes the call raise ActorUnavailable.
+            if request.reply is not None:
+                request.reply.close()
+            raise
         if request.reply is not None:
             with request.reply:
                 try:
                     request.reply.send_nowait(result)
                 except (trio.BrokenResourceError, trio.WouldBlock):
                     pass  # the caller went away; the work is done all the same
-        if isinstance(result, outcome.Error) and not isinstance(result.error, ZenowError):
-            # A bug, not an answer: crash so the supervisor restarts us with fresh state.
-            raise result.error
-        if isinstance(result, outcome.Error) and request.reply is None:
-            log.warning("%s: %s", type(self).__name__, result.error)
+        if crash is not None:
+            raise crash
 
 
 @dataclass
@@ -204,7 +227,13 @@ class Supervisor:
                             started = True
                             task_status.started()
                     return  # the inbox was closed: a clean stop
-                except Exception as exc:
+                except BaseException as raised:
+                    exc, other = _split_crash(raised)
+                    if exc is None:
+                        raise  # cancelled, nothing crashed
+                    if other is not None:  # crashed while being cancelled: report it, obey the cancel
+                        log.error("%s crashed while stopping", name, exc_info=exc)
+                        raise other from None
                     if not started:
                         # could never serve: report why to whoever started us
                         raise single_cause(exc) from None
@@ -225,6 +254,16 @@ class Supervisor:
         finally:
             _refuse_pending(inbox)
             inbox.close()
+
+
+def _split_crash(raised: BaseException) -> tuple[Exception | None, BaseException | None]:
+    """Separate what crashed (Exceptions) from the rest (Cancelled, KeyboardInterrupt...)."""
+    if isinstance(raised, BaseExceptionGroup):
+        crashed, rest = raised.split(Exception)
+        return crashed, rest  # type: ignore[return-value]
+    if isinstance(raised, Exception):
+        return raised, None
+    return None, raised
 
 
 def _refuse_pending(inbox: trio.MemoryReceiveChannel[Request]) -> None:

@@ -18,7 +18,8 @@ the exception is the `detail` the client sees::
     ├── UpstreamError             502: llama-server answered badly or went away
     ├── DownloadFailed            the download ended in `failed`; says why
     ├── StoreError                500: the database failed (translated from sqlite3)
-    └── ActorUnavailable          503: an actor crashed or stopped while serving the call
+    ├── ActorCrashed              500: a bug in an actor while serving the call (it restarts)
+    └── ActorUnavailable          503: an actor is stopped, or stopped while serving the call
 
 Errors from libraries (sqlite3, httpx, OSError from spawning) are translated
 where they enter zenow, with `raise ... from`.
@@ -27,6 +28,7 @@ where they enter zenow, with `raise ... from`.
 from __future__ import annotations
 
 __all__ = [
+    "ActorCrashed",
     "ActorUnavailable",
     "ContextOverflow",
     "DownloadFailed",
@@ -107,6 +109,10 @@ class DownloadFailed(ZenowError):
 
 
 class StoreError(ZenowError):
+    status_code = 500
+
+
+class ActorCrashed(ZenowError):
     status_code = 500
 
 
