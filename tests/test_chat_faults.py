@@ -222,3 +222,59 @@ async def test_bad_chat_requests_are_400s_naming_the_field(fake, change, field):
     assert answer.status_code == 400, answer.text
     assert field in answer.json()["detail"]
     assert await stored(fake.client, sid) == []
+
+
+async def test_clients_that_vanish_before_the_stream_starts_do_not_block_the_session(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "200")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.005")
+    await respawn(fake)
+    sid = await session(fake.client)
+    host, port = fake.url.removeprefix("http://").split(":")
+    body = json.dumps(ask(sid, "gone")).encode()
+    request = (f"POST /api/chat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    for delay in (0, 0.001, 0.003, 0.01, 0.02):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(request)
+        await trio.sleep(delay)
+        await stream.aclose()
+    with trio.fail_after(10):
+        answer = await fake.client.post("/api/chat", json={**ask(sid, "still there?"), "stream": False})
+    assert answer.status_code == 200
+    assert (await stored(fake.client, sid))[-2]["content"] == "still there?"
+
+
+async def test_shutdown_mid_stream_keeps_the_partial_reply(nursery, tmp_path, monkeypatch):
+    import sqlite3
+
+    import httpx
+
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
+    home = tmp_path / "home"
+    (home / "models" / "llm").mkdir(parents=True)
+    (home / "models" / "llm" / "fake.gguf").write_bytes(b"GGUF" + bytes(64))
+    settings = make_settings(home, llama_server=str(FAKE_LLAMA_SERVER))
+    some = trio.Event()
+    async with start_zenow(nursery, settings) as zenow:
+        await zenow.client.post("/api/models/load", json={"model_name": "fake"})
+        sid = await session(zenow.client)
+
+        async def read_until_cut():
+            seen = 0
+            try:
+                async with httpx.AsyncClient(base_url=zenow.url, timeout=30) as other:
+                    async with other.stream("POST", "/api/chat", json=ask(sid)) as response:
+                        async for line in response.aiter_lines():
+                            seen += line.startswith("data: {")
+                            if seen == 5:
+                                some.set()
+            except httpx.HTTPError:
+                pass  # zenow went away mid-stream, as it should
+
+        nursery.start_soon(read_until_cut)
+        await some.wait()
+    with sqlite3.connect(settings.database_path) as db:
+        rows = db.execute("SELECT role, content FROM messages WHERE session_id = ? ORDER BY id", (sid,)).fetchall()
+    assert [role for role, _ in rows] == ["user", "assistant"]
+    assert rows[1][1].startswith("Hello from the fake server.") and len(rows[1][1]) < 400 * 8

@@ -114,43 +114,57 @@ async def serve(
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         with bind_listener(settings.host, settings.port) as listener:
             async with httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False) as upstream:
-                async with trio.open_nursery() as root:
-                    services = await _start_actors(Supervisor(root), settings, upstream)
-                    await _serve_http(create_app(services), settings, listener, shutdown, task_status)
-                    log.info("zenow stopping")
-                    root.cancel_scope.cancel()
+                await _run(settings, upstream, listener, shutdown, task_status)
     finally:
         lock.release()
 
 
-async def _start_actors(supervisor: Supervisor, settings: Settings, upstream: httpx.AsyncClient) -> Services:
-    """Start every actor, in dependency order; return the handles routes use."""
-    try:
-        log.info("llama-server: %s", find_llama_server(settings))
-    except ServerStartFailed as exc:
-        log.warning("%s", exc)  # zenow still serves sessions; loads will say the same
-    store = Store(
-        await supervisor.start(
-            "store",
-            partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
-            critical=True,
+async def _run(
+    settings: Settings, upstream: httpx.AsyncClient, listener: socket.socket, shutdown: trio.Event,
+    task_status: trio.TaskStatus[tuple[str, int]],
+) -> None:
+    """Start the actors in tiers, serve HTTP, then stop the tiers in reverse order.
+
+    The store outlives the servers and downloads, which outlive the chat streamer, so
+    whatever a stopping actor saves (a partial reply, a download's progress) still
+    reaches the database.
+    """
+    async with trio.open_nursery() as store_tier:
+        store = Store(
+            await Supervisor(store_tier).start(
+                "store",
+                partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
+                critical=True,
+            )
         )
-    )
-    downloads = Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store)))
-    servers: dict[str, ServerHandle] = {}
-    for mode in MODES:
-        board = ServerBoard()
-        ref = await supervisor.start(
-            f"{mode} server", partial(ServerActor, mode, settings, store, board, downloads)
-        )
-        servers[mode] = ServerHandle(mode, ref, board, upstream)
-    tokens = TokenCounter(servers["llm"].tokenize_count)
-    chat = ChatStreamer(
-        await supervisor.start("chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens))
-    )
-    return Services(
-        settings=settings, store=store, tokens=tokens, downloads=downloads, servers=servers, chat=chat,
-    )
+        try:
+            log.info("llama-server: %s", find_llama_server(settings))
+        except ServerStartFailed as exc:
+            log.warning("%s", exc)  # zenow still serves sessions; loads will say the same
+        async with trio.open_nursery() as model_tier:
+            supervisor = Supervisor(model_tier)
+            downloads = Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store)))
+            servers: dict[str, ServerHandle] = {}
+            for mode in MODES:
+                board = ServerBoard()
+                ref = await supervisor.start(
+                    f"{mode} server", partial(ServerActor, mode, settings, store, board, downloads)
+                )
+                servers[mode] = ServerHandle(mode, ref, board, upstream)
+            tokens = TokenCounter(servers["llm"].tokenize_count)
+            async with trio.open_nursery() as chat_tier:
+                chat = ChatStreamer(
+                    await Supervisor(chat_tier).start(
+                        "chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens)
+                    )
+                )
+                services = Services(settings=settings, store=store, tokens=tokens, downloads=downloads,
+                                    servers=servers, chat=chat)
+                await _serve_http(create_app(services), settings, listener, shutdown, task_status)
+                log.info("zenow stopping")
+                chat_tier.cancel_scope.cancel()
+            model_tier.cancel_scope.cancel()
+        store_tier.cancel_scope.cancel()
 
 
 async def _serve_http(

@@ -71,7 +71,6 @@ class ChatResult:
 @dataclass
 class _Prepared:
     request: ChatRequest
-    endpoint: str
     system: Turn | None
     turns: list[Turn]
     context_size: int
@@ -93,37 +92,42 @@ class ChatStreamerActor(Actor):
     async def teardown(self) -> None:
         await self._http.aclose()
 
-    async def open(self, request: ChatRequest) -> ChatStream:
-        """Refuse what must be refused, then start generating.
+    async def open(self, request: ChatRequest, send: trio.MemorySendChannel[StreamEvent],
+                   scope: trio.CancelScope) -> None:
+        """Refuse what must be refused, then start generating into `send` under `scope`.
 
-        Raises `SessionNotFound`, `ServerNotRunning`, or `ContextOverflow` (with the counts).
+        Raises `SessionNotFound`, `ServerNotRunning`, or `ContextOverflow` (with the counts);
+        then nothing was stored and `send` is closed.
         """
+        try:
+            prepared = await self._prepare(request)
+        except BaseException:
+            send.close()
+            raise
+        self.nursery.start_soon(self._generate, prepared, send, scope)
+
+    async def _prepare(self, request: ChatRequest) -> _Prepared:
         await self.store.get_session(request.session_id)
-        status = self.llm.status()
-        if status.endpoint is None:
+        if self.llm.status().endpoint is None:
             raise ServerNotRunning(NOT_RUNNING)
         params = self.llm.parameters()
         system_prompt = params.get("system_prompt") or ""
         system = Turn("system", system_prompt, await self.tokens.count(system_prompt)) if system_prompt else None
         turns = [Turn(role, content, await self.tokens.count(content)) for role, content in request.messages]
         context_size = int(params["context_size"])
-        needed = (system.token_count if system else 0) + sum(t.token_count for t in turns)
+        system_tokens = system.token_count if system else 0
+        needed = system_tokens + sum(t.token_count for t in turns)
         if needed > context_size:
             raise ContextOverflow(
-                f"messages: the request needs {needed} tokens (system prompt "
-                f"{system.token_count if system else 0} + messages {needed - (system.token_count if system else 0)}), "
-                f"more than the context window of {context_size} tokens"
+                f"messages: the request needs {needed} tokens (system prompt {system_tokens} + "
+                f"messages {needed - system_tokens}), more than the context window of {context_size} tokens"
             )
         options = {
             "temperature": request.temperature if request.temperature is not None else params["temperature"],
             "repeat_penalty": request.repeat_penalty if request.repeat_penalty is not None else params["repeat_penalty"],
             "max_tokens": request.max_tokens if request.max_tokens is not None else params["max_tokens"],
         }
-        prepared = _Prepared(request, status.endpoint, system, turns, context_size, options)
-        send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
-        scope = trio.CancelScope()
-        self.nursery.start_soon(self._generate, prepared, send, scope)
-        return ChatStream(receive, scope)
+        return _Prepared(request, system, turns, context_size, options)
 
     def _lock_for(self, session_id: int) -> trio.Lock:
         lock, users = self._locks.get(session_id, (trio.Lock(), 0))
@@ -159,6 +163,9 @@ class ChatStreamerActor(Actor):
         try:
             async with send, lock:
                 try:
+                    endpoint = self.llm.status().endpoint  # read under the lock: it may have restarted
+                    if endpoint is None:
+                        raise ServerNotRunning(NOT_RUNNING)
                     messages = await self._store_and_build(prepared)
                 except ZenowError as exc:
                     with trio.move_on_after(1):
@@ -167,7 +174,7 @@ class ChatStreamerActor(Actor):
                 closing: StreamEvent | None = None
                 try:
                     with scope:
-                        closing = await self._stream_upstream(prepared, messages, parts, send)
+                        closing = await self._stream_upstream(endpoint, prepared, messages, parts, send)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the consumer went away; the upstream request is closed by now
                 finally:
@@ -191,7 +198,7 @@ class ChatStreamerActor(Actor):
         history = await self._history(request.session_id, first_id or 0, budget)
         return ([prepared.system] if prepared.system else []) + history + prepared.turns
 
-    async def _stream_upstream(self, prepared: _Prepared, messages: list[Turn], parts: list[str],
+    async def _stream_upstream(self, endpoint: str, prepared: _Prepared, messages: list[Turn], parts: list[str],
                                send: trio.MemorySendChannel[StreamEvent]) -> StreamEvent:
         """Forward llama-server's deltas to `send`; return the closing event."""
         payload = {
@@ -203,7 +210,7 @@ class ChatStreamerActor(Actor):
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         try:
-            async with self._http.stream("POST", f"{prepared.endpoint}/v1/chat/completions", json=payload) as response:
+            async with self._http.stream("POST", f"{endpoint}/v1/chat/completions", json=payload) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
@@ -255,7 +262,20 @@ class ChatStreamer:
         self._ref = ref
 
     async def open(self, request: ChatRequest) -> ChatStream:
-        return await self._ref.call(ChatStreamerActor.open, request)
+        """Start a reply; the caller must read the stream to its end or `cancel()` it.
+
+        Raises `SessionNotFound`, `ServerNotRunning` or `ContextOverflow` before anything
+        is stored.  Cancelling the call stops the generation it may have started.
+        """
+        send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
+        stream = ChatStream(receive, trio.CancelScope())
+        try:
+            await self._ref.call(ChatStreamerActor.open, request, send, stream.scope)
+        except BaseException:
+            stream.cancel()
+            send.close()
+            raise
+        return stream
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         """Generate a whole reply.  Raises what `open` raises, or `UpstreamError`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -88,7 +89,11 @@ async def chat() -> Response | dict[str, Any]:
         finally:
             stream.cancel()  # on disconnect: stop generation upstream now
 
-    response = Response(events(), status=200, headers={
+    body_events = events()
+    # If the client is gone before the body is first iterated, the generator's `finally`
+    # never runs; dropping the generator then stops the generation all the same.
+    weakref.finalize(body_events, stream.cancel)
+    response = Response(body_events, status=200, headers={
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",

@@ -246,6 +246,8 @@ class ServerActor(Actor):
             await self._start(model)
         except ServerStartFailed:
             self._schedule_retry(model, None)
+        except InvalidModelFile as exc:  # the file went away: retrying cannot help
+            self.board.publish(ServerStatus("error", model.name, model.path, str(exc)))
 
     # ------------------------------------------------------------ internals
 
@@ -266,7 +268,7 @@ class ServerActor(Actor):
 
         async def later() -> None:
             await trio.sleep(delay)
-            self.self_ref.cast(ServerActor._retry, generation, model)
+            await self.self_ref.tell(ServerActor._retry, generation, model)
 
         self.nursery.start_soon(later)
 
@@ -322,7 +324,12 @@ class ServerActor(Actor):
             message = f"Failed to start llama-server: {exc.strerror or exc}"
             self.board.publish(ServerStatus("error", model.name, model.path, message))
             raise ServerStartFailed(message) from exc
-        size = model.size or await trio.to_thread.run_sync(lambda: os.path.getsize(model.path))
+        try:
+            size = await trio.to_thread.run_sync(check_model_file, Path(model.path))
+        except InvalidModelFile as exc:
+            await self._stop_child()
+            self.board.publish(ServerStatus("error", model.name, model.path, str(exc)))
+            raise
         failure = await self._wait_healthy(child, self._start_timeout(size))
         if failure is not None:
             await self._stop_child()
@@ -382,24 +389,48 @@ class ServerActor(Actor):
                 await output.aclose()
                 child.done.set()
         if not child.stopping:
-            self.self_ref.cast(ServerActor._child_exited, child)
+            await self.self_ref.tell(ServerActor._child_exited, child)
 
     async def _drain(self, child: _Child, output: trio.lowlevel.FdStream) -> None:
-        """Read everything the child prints (so its pipe never fills); log it and keep a tail."""
+        """Read everything the child prints (so its pipe never fills); log it and keep a tail.
+
+        A log file that cannot be written is given up, never the draining."""
+        log_file = await self._open_log(f"--- {child.model.path} port {child.port}\n".encode())
         pending = b""
-        async with await trio.open_file(self._log_path, "ab") as log_file:
-            await log_file.write(f"--- {child.model.path} port {child.port}\n".encode())
-            while True:
-                chunk = await output.receive_some(65536)
-                if not chunk:
-                    break
-                await log_file.write(chunk)
+        try:
+            while chunk := await output.receive_some(65536):
+                if log_file is not None:
+                    try:
+                        await log_file.write(chunk)
+                    except OSError as exc:
+                        log.warning("%s: stopped writing %s: %s", self.mode, self._log_path, exc)
+                        await _close_quietly(log_file)
+                        log_file = None
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 child.tail.extend(line.decode(errors="replace").rstrip() for line in lines if line.strip())
                 if len(pending) > 65536:
                     pending = pending[-4096:]
-            await log_file.flush()
+        finally:
+            if log_file is not None:
+                with trio.CancelScope(shield=True):
+                    await _close_quietly(log_file)
+
+    async def _open_log(self, header: bytes) -> Any:
+        try:
+            log_file = await trio.open_file(self._log_path, "ab")
+            await log_file.write(header)
+            return log_file
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.mode, self._log_path, exc)
+            return None
+
+
+async def _close_quietly(log_file: Any) -> None:
+    try:
+        await log_file.aclose()
+    except OSError:
+        pass
 
 
 class ServerHandle:

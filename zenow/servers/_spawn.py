@@ -80,8 +80,10 @@ async def spawn_owned(
         list(argv), stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd, env=dict(env),
         cwd=cwd, close_fds=True, start_new_session=True, preexec_fn=_die_with(os.getpid()),
     )
-    future = _the_spawner().submit(job)
-    return await trio.to_thread.run_sync(future.result)
+    # Shielded: once the fork is queued it happens, and its caller must get the child to own it.
+    with trio.CancelScope(shield=True):
+        future = _the_spawner().submit(job)
+        return await trio.to_thread.run_sync(future.result)
 
 
 async def wait_exit(process: subprocess.Popen[bytes]) -> int:
