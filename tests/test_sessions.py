@@ -10,6 +10,15 @@ import trio
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
 
 
+async def next_second():
+    """Wait until the wall clock shows a new second (timestamps are shown to the second)."""
+    from datetime import datetime
+
+    start = datetime.now().replace(microsecond=0)
+    while datetime.now().replace(microsecond=0) <= start:
+        await trio.sleep(0.02)
+
+
 async def create(client, first_message="你好，请介绍一下自己"):
     response = await client.post("/api/sessions", json={"first_message": first_message})
     assert response.status_code == 200, response.text
@@ -49,7 +58,7 @@ async def test_detail_has_the_spec_shape(client):
 async def test_messages_keep_counts_and_updated_at_in_step(client):
     sid = (await create(client))["session_id"]
     before = (await client.get(f"/api/sessions/{sid}")).json()
-    await trio.sleep(1.05)  # timestamps are shown to the second
+    await next_second()
     first = await add(client, sid, "user", "你好，请介绍一下自己")
     second = await add(client, sid, "assistant", "Hello! I am an AI assistant, here to help.")
     third = await add(client, sid, "system", "Be brief.")
@@ -116,7 +125,7 @@ async def test_clear_messages_keeps_the_session(client):
     sid = (await create(client))["session_id"]
     await add(client, sid, "user", "hello")
     before = (await client.get(f"/api/sessions/{sid}")).json()
-    await trio.sleep(1.05)
+    await next_second()
     response = await client.delete(f"/api/sessions/{sid}/messages")
     assert response.json() == {"success": True, "message": "Messages cleared"}
     after = (await client.get(f"/api/sessions/{sid}")).json()
