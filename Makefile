@@ -11,7 +11,7 @@ SMOLLM2 := $(VENV)/.smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test install llama-server bench clean
+.PHONY: run test install llama-server clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
@@ -20,9 +20,6 @@ run: install llama-server $(SMOLLM2)
 test: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) -m pytest
-
-bench: install llama-server $(SMOLLM2)
-	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" $(PY) -m bench
 
 install: $(INSTALLED)
 
