@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quart import current_app
 
 if TYPE_CHECKING:
+    from ..chat import ChatStreamer
+    from ..downloads import Downloads
+    from ..servers import ServerHandle
     from ..settings import Settings
     from ..store import Store
     from ..tokens import TokenCounter
@@ -20,9 +23,9 @@ class Services:
     settings: Settings
     store: Store
     tokens: TokenCounter
-    servers: Any = None  # dict[str, ServerHandle], one per mode
-    downloads: Any = None  # Downloads
-    chat: Any = None  # ChatStreamer
+    servers: dict[str, ServerHandle]  # one per mode
+    downloads: Downloads
+    chat: ChatStreamer
 
 
 def services() -> Services:

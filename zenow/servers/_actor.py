@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import InvalidModelFile, ModelNotFound, ServerNotRunning, ServerStartFailed, ZenowError
+from ..errors import InvalidModelFile, ModelNotFound, ServerStartFailed, ZenowError
 from ..settings import Settings
 from ..store import ModelInfo, Store
 from ._binary import find_llama_server
@@ -79,12 +79,9 @@ class ServerBoard:
 
     status: ServerStatus = field(default_factory=ServerStatus)
     parameters: dict[str, Any] = field(default_factory=dict)
-    changed: trio.Event = field(default_factory=trio.Event)
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 @dataclass
@@ -450,18 +447,6 @@ class ServerHandle:
     def parameters(self) -> dict[str, Any]:
         """The mode's current parameters (a copy)."""
         return dict(self._board.parameters)
-
-    def endpoint(self) -> str:
-        """Base URL of the running llama-server.  Raises `ServerNotRunning`."""
-        status = self._board.status
-        if status.endpoint is None:
-            raise ServerNotRunning(f"The {self.mode} server is not running")
-        return status.endpoint
-
-    async def wait_changed(self) -> ServerStatus:
-        """Wait for the next published status."""
-        await self._board.changed.wait()
-        return self._board.status
 
     async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
         return await self._ref.call(ServerActor.load, model_name, download_url)
