@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.harness import make_settings, start_zenow, wait_for
+from tests.support.harness import make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
 from zenow.chat import Turn, history_within
 
@@ -24,10 +24,7 @@ SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "ze
 async def smol(nursery, tmp_path, llama_server, smollm2):
     settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
     async with start_zenow(nursery, settings) as zenow:
-        async def running():
-            return (await zenow.client.get("/api/server/status")).json()["status"] == "running"
-
-        await wait_for(running, timeout=60, what="SmolLM2 to run")
+        await wait_status(zenow.client, "running")
         yield zenow
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.harness import make_settings, spawn_zenow, start_zenow, wait_for
+from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
 from tests.support.llama import FAKE_LLAMA_SERVER, alive, llama_children
 
 
@@ -31,18 +31,6 @@ def home(tmp_path):
 @pytest.fixture
 def fake_settings(home):
     return make_settings(home, llama_server=str(FAKE_LLAMA_SERVER), stop_grace=1.0)
-
-
-async def status(client, mode="llm"):
-    return (await client.get("/api/server/status", params={"mode": mode})).json()
-
-
-async def wait_status(client, wanted, mode="llm", timeout=30):
-    async def reached():
-        current = await status(client, mode)
-        return current if current["status"] == wanted else None
-
-    return await wait_for(reached, timeout=timeout, what=f"{mode} {wanted}")
 
 
 async def load(client, name, mode="llm"):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.harness import spawn_zenow, start_zenow, make_settings, wait_for
+from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_status
 from tests.support.llama import alive, cmdline, llama_children
 
 pytestmark = pytest.mark.real_llama
@@ -21,18 +21,6 @@ def place(home, mode, source):
     folder = home / "models" / mode
     folder.mkdir(parents=True, exist_ok=True)
     return shutil.copy(source, folder / source.name)
-
-
-async def status(client, mode="llm"):
-    return (await client.get("/api/server/status", params={"mode": mode})).json()
-
-
-async def wait_status(client, mode, wanted, timeout=60):
-    async def reached():
-        current = await status(client, mode)
-        return current if current["status"] == wanted else None
-
-    return await wait_for(reached, timeout=timeout, what=f"{mode} to be {wanted}")
 
 
 def child_port(pid):
@@ -53,7 +41,7 @@ async def test_all_three_modes_run_at_once(nursery, tmp_path, llama_server, smol
     settings = make_settings(home, llama_server=llama_server, default_llm=smollm2)
     async with start_zenow(nursery, settings) as zenow:
         client = zenow.client
-        running = await wait_status(client, "llm", "running")
+        running = await wait_status(client, "running", "llm")
         assert running["model_name"] == smollm2.stem and running["is_running"] is True
         assert running["error_message"] is None
         for mode, name in (("embed", "tiny-bert-embed"), ("rerank", "tiny-bert-rerank")):
@@ -96,7 +84,7 @@ async def test_switching_the_llm_model_replaces_the_child(nursery, tmp_path, lla
     home = tmp_path / "home"
     place(home, "llm", tiny_models["llm"])
     async with start_zenow(nursery, make_settings(home, llama_server=llama_server, default_llm=smollm2)) as zenow:
-        await wait_status(zenow.client, "llm", "running")
+        await wait_status(zenow.client, "running", "llm")
         first = the_child("llm")
         loaded = await zenow.client.post("/api/models/load", json={"model_name": "tiny-llama"})
         assert loaded.json()["model_name"] == "tiny-llama"
@@ -110,7 +98,7 @@ async def test_a_server_parameter_restarts_the_server_and_a_client_one_does_not(
     settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
     async with start_zenow(nursery, settings) as zenow:
         client = zenow.client
-        await wait_status(client, "llm", "running")
+        await wait_status(client, "running", "llm")
         before = the_child("llm")
         answer = await client.post("/api/models/update_param", params={"mode": "llm"}, json={"context_size": 1024})
         assert answer.json() == {"success": True, "message": "Parameters updated successfully", "requires_restart": True}
@@ -134,7 +122,7 @@ async def test_models_and_parameters_come_back_after_a_restart_of_zenow(nursery,
     place(home, "embed", tiny_models["embed"])
     settings = make_settings(home, llama_server=llama_server, default_llm=smollm2)
     async with start_zenow(nursery, settings) as zenow:
-        await wait_status(zenow.client, "llm", "running")
+        await wait_status(zenow.client, "running", "llm")
         await zenow.client.post("/api/models/update_param", params={"mode": "embed"}, json={"context_size": 256})
         await zenow.client.post("/api/models/load", json={"model_name": "tiny-bert-embed", "mode": "embed"})
         await zenow.client.post("/api/models/load", json={"model_name": "tiny-llama"})
@@ -143,9 +131,9 @@ async def test_models_and_parameters_come_back_after_a_restart_of_zenow(nursery,
 
     # --default-llm does not replace a home's current model
     async with start_zenow(nursery, settings) as zenow:
-        llm = await wait_status(zenow.client, "llm", "running")
+        llm = await wait_status(zenow.client, "running", "llm")
         assert llm["model_name"] == "tiny-llama"
-        embed = await wait_status(zenow.client, "embed", "running")
+        embed = await wait_status(zenow.client, "running", "embed")
         assert embed["model_name"] == "tiny-bert-embed"
         assert (await zenow.client.get("/api/models/get_param", params={"mode": "embed"})).json()["context_size"] == 256
         assert (await zenow.client.get("/api/models/get_param")).json()["temperature"] == 1.5
@@ -169,7 +157,7 @@ async def test_the_child_lives_as_long_as_zenow_and_dies_with_it(nursery, tmp_pa
     zenow = await spawn_zenow(nursery, tmp_path / "home", "--default-llm", str(smollm2),
                               env={"ZENOW_LLAMA_SERVER": llama_server})
     async with httpx.AsyncClient(base_url=zenow.url, timeout=30) as client:
-        await wait_status(client, "llm", "running")
+        await wait_status(client, "running", "llm")
         (child,) = llama_children(zenow.process.pid)
         started = trio.current_time()
         async with httpx.AsyncClient(timeout=5) as direct:

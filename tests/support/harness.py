@@ -76,6 +76,20 @@ async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+async def status(client: httpx.AsyncClient, mode: str = "llm") -> dict:
+    """`GET /api/server/status` of one mode."""
+    return (await client.get("/api/server/status", params={"mode": mode})).json()
+
+
+async def wait_status(client: httpx.AsyncClient, wanted: str, mode: str = "llm", timeout: float = 60) -> dict:
+    """Poll a mode's server status until it is `wanted`; return that status."""
+    async def reached():
+        current = await status(client, mode)
+        return current if current["status"] == wanted else None
+
+    return await wait_for(reached, timeout=timeout, what=f"the {mode} server to be {wanted}")
+
+
 @dataclass
 class ZenowProcess:
     """A real `python -m zenow serve` child process."""
