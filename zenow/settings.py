@@ -10,10 +10,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeGuard, get_args
 
-__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Settings"]
+__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Mode", "Settings", "is_mode"]
 
-MODES: tuple[str, ...] = ("llm", "embed", "rerank")
+#: The three kinds of model zenow serves, each by its own llama-server child.
+Mode = Literal["llm", "embed", "rerank"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+
+def is_mode(value: object) -> TypeGuard[Mode]:
+    """Whether `value` names one of the modes."""
+    return value in MODES
+
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -74,6 +83,16 @@ class Settings:
     search_path: str = ""
     #: The user's cache directory, where ops/provide-llama-server.sh caches the binary it builds.
     cache_root: Path = Path("~/.cache").expanduser()
+    #: The largest model file a download may write (bytes); also the limit when no Content-Length is sent.
+    max_download_size: int = 64 * 2**30
+    #: Free space a download must leave on the home's file system (bytes).
+    download_free_margin: int = 512 * 2**20
+    #: The largest request body accepted (bytes); larger ones answer 413 unread.
+    max_body_size: int = 8 * 2**20
+    #: Open HTTP connections served at once; more wait in the listen backlog.
+    max_connections: int = 256
+    #: Seconds a client may take to send a request's headers or body before it is dropped.
+    read_timeout: float = 30.0
 
     @property
     def database_path(self) -> Path:
@@ -87,7 +106,7 @@ class Settings:
     def logs_dir(self) -> Path:
         return self.home / "logs"
 
-    def mode_dir(self, mode: str) -> Path:
+    def mode_dir(self, mode: Mode) -> Path:
         return self.models_dir / mode
 
     @classmethod
