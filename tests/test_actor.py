@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from zenow.actor import Actor, RestartPolicy, Supervisor
+from zenow.actor import Actor, ActorHealth, RestartPolicy, Supervisor
 from zenow.errors import ActorCrashed, ActorUnavailable, InvalidRequest
 
 
@@ -52,13 +52,28 @@ async def test_a_crashed_actor_is_restarted_with_fresh_state(nursery, autojump_c
 
 async def test_a_non_critical_actor_that_keeps_crashing_is_given_up(nursery, autojump_clock):
     policy = RestartPolicy(max_restarts=3, window=60)
-    ref = await Supervisor(nursery, policy).start("counter", Counter)
-    for _ in range(4):
+    health = ActorHealth()
+    ref = await Supervisor(nursery, policy, health).start("counter", Counter)
+    for _ in range(3):
         with pytest.raises(ActorCrashed):
             await ref.call(Counter.crash)
+        assert health.down() == {}  # restarted, not given up
+    with pytest.raises(ActorCrashed):
+        await ref.call(Counter.crash)
     with pytest.raises(ActorUnavailable):
         await ref.call(Counter.add, 1)
     assert Counter.instances == 4
+    assert list(health.down()) == ["counter"]
+    assert "RuntimeError: bug" in health.down()["counter"]
+
+
+async def test_keyword_arguments_reach_the_operation(nursery):
+    class Greeter(Actor):
+        async def greet(self, name: str, *, punctuation: str = ".") -> str:
+            return f"hello {name}{punctuation}"
+
+    ref = await Supervisor(nursery).start("greeter", Greeter)
+    assert await ref.call(Greeter.greet, "you", punctuation="!") == "hello you!"
 
 
 async def test_a_critical_actor_that_keeps_crashing_stops_its_supervisor(autojump_clock):

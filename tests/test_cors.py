@@ -11,7 +11,7 @@ from tests.support.harness import start_zenow
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
 
 
-@pytest.mark.parametrize("origin", ["http://localhost:5173", "http://127.0.0.1:3000", "app://.", "tauri://localhost", "null"])
+@pytest.mark.parametrize("origin", ["http://localhost:5173", "http://127.0.0.1:3000", "app://.", "tauri://localhost"])
 async def test_local_origins_pass_preflight(client, origin):
     response = await client.options("/api/sessions", headers={"Origin": origin, **PREFLIGHT})
     assert response.status_code == 204

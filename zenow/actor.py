@@ -28,6 +28,7 @@ Restart policy (one for every actor, see `RestartPolicy`):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import trio
 
 from .errors import ActorCrashed, ActorUnavailable, ZenowError, single_cause
 
-__all__ = ["Actor", "ActorRef", "Request", "RestartPolicy", "Supervisor"]
+__all__ = ["Actor", "ActorHealth", "ActorRef", "Request", "RestartPolicy", "Supervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ class ActorRef(Generic[A]):
         self._send = send
 
     async def call(
-        self, operation: Callable[Concatenate[A, P], Awaitable[T]], *args: P.args, **_: P.kwargs
+        self, operation: Callable[Concatenate[A, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run `operation(actor, *args)` inside the actor and return its result.
+        """Run `operation(actor, *args, **kwargs)` inside the actor and return its result.
 
         Raises whatever the operation raised, or `ActorUnavailable` when the actor
         is stopped or crashed while serving this request.  Cancelling the caller
@@ -77,32 +78,43 @@ class ActorRef(Generic[A]):
         reply_send, reply_recv = trio.open_memory_channel[outcome.Outcome[Any]](1)
         with reply_recv:
             try:
-                await self._send.send(Request(operation, args, reply_send))
+                await self._send.send(Request(_bound(operation, kwargs), args, reply_send))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise ActorUnavailable(f"The {self.name} is not running") from None
             try:
                 result = await reply_recv.receive()
             except trio.EndOfChannel:
                 raise ActorUnavailable(f"The {self.name} stopped while serving the request") from None
-        return result.unwrap()
+        value: T = result.unwrap()
+        return value
 
-    async def tell(self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args) -> None:
-        """Queue `operation(actor, *args)` without waiting for its result; waits for room
-        in the mailbox.  Raises `ActorUnavailable` if the actor is gone."""
+    async def tell(
+        self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Queue `operation(actor, *args, **kwargs)` without waiting for its result; waits for
+        room in the mailbox.  Raises `ActorUnavailable` if the actor is gone."""
         try:
-            await self._send.send(Request(operation, args, None))
+            await self._send.send(Request(_bound(operation, kwargs), args, None))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorUnavailable(f"The {self.name} cannot take messages") from None
 
-    def cast(self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args) -> None:
-        """Queue `operation(actor, *args)` without waiting for it (used by an actor's own tasks).
+    def cast(
+        self, operation: Callable[Concatenate[A, P], Awaitable[Any]], *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Queue `operation(actor, *args, **kwargs)` without waiting for it (used by an actor's
+        own tasks).
 
         Raises `ActorUnavailable` if the mailbox is closed or full.
         """
         try:
-            self._send.send_nowait(Request(operation, args, None))
+            self._send.send_nowait(Request(_bound(operation, kwargs), args, None))
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
             raise ActorUnavailable(f"The {self.name} cannot take messages") from None
+
+
+def _bound(operation: Callable[..., Awaitable[Any]], kwargs: dict[str, Any]) -> Callable[..., Awaitable[Any]]:
+    """`operation` with its keyword arguments bound, so a `Request` carries positional ones only."""
+    return functools.partial(operation, **kwargs) if kwargs else operation
 
 
 class Actor:
@@ -182,12 +194,31 @@ class RestartPolicy:
     backoff_max: float = 5.0
 
 
+class ActorHealth:
+    """Which supervised actors have given up, and why; shared by every supervisor of a zenow.
+
+    Written only by supervisors; read by the health probe.
+    """
+
+    def __init__(self) -> None:
+        self._down: dict[str, str] = {}
+
+    def gave_up(self, name: str, reason: str) -> None:
+        self._down[name] = reason
+
+    def down(self) -> dict[str, str]:
+        """The actors that stay down, each with the error that stopped it (a copy)."""
+        return dict(self._down)
+
+
 class Supervisor:
     """Runs actors in a nursery and restarts the ones that crash."""
 
-    def __init__(self, nursery: trio.Nursery, policy: RestartPolicy | None = None) -> None:
+    def __init__(self, nursery: trio.Nursery, policy: RestartPolicy | None = None,
+                 health: ActorHealth | None = None) -> None:
         self._nursery = nursery
         self._policy = policy or RestartPolicy()
+        self._health = health if health is not None else ActorHealth()
 
     async def start(
         self, name: str, factory: Callable[[], A], *, critical: bool = False
@@ -244,6 +275,9 @@ class Supervisor:
                     if len(restarts) >= policy.max_restarts:
                         log.error("%s crashed %d times in %.0f s; giving up", name,
                                   len(restarts) + 1, policy.window, exc_info=exc)
+                        last = single_cause(exc)
+                        self._health.gave_up(name, f"crashed {len(restarts) + 1} times in {policy.window:.0f} s; "
+                                                   f"last: {type(last).__name__}: {last}")
                         if critical:
                             raise
                         return  # closing the inbox below makes every call raise ActorUnavailable
@@ -260,7 +294,7 @@ def _split_crash(raised: BaseException) -> tuple[Exception | None, BaseException
     """Separate what crashed (Exceptions) from the rest (Cancelled, KeyboardInterrupt...)."""
     if isinstance(raised, BaseExceptionGroup):
         crashed, rest = raised.split(Exception)
-        return crashed, rest  # type: ignore[return-value]
+        return crashed, rest
     if isinstance(raised, Exception):
         return raised, None
     return None, raised

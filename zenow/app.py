@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from typing import Any
 
 from quart import Response, jsonify, request
+from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
-from quart_trio.wrappers import TrioRequest
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .errors import ZenowError, single_cause
+from .handles import Services
+from .request_body import JSONRequest
 from .routes import blueprints
-from .routes._context import Services
 from .routes._validation import describe_validation_error
 
 __all__ = ["create_app", "origin_allowed"]
@@ -29,29 +31,47 @@ _APP_SCHEMES = ("app://", "tauri://")
 def origin_allowed(origin: str, extra: tuple[str, ...] = ()) -> bool:
     """Whether a browser page from `origin` may call zenow.
 
-    Allowed: local development servers and desktop shells (`http(s)://localhost:*`,
-    `127.0.0.1:*`, `[::1]:*`, `app://`, `tauri://`), `null` (a `file://` page), and the
-    exact origins in `extra`.
+    Allowed: local development servers (`http(s)://localhost:*`, `127.0.0.1:*`,
+    `[::1]:*`), desktop shells whose pages no web site can serve (`app://…`,
+    `tauri://…`, `http(s)://tauri.localhost`), and the exact origins in `extra`.
+    `null` is not allowed unless listed in `extra`: it is what a `file://` page sends
+    (a packaged Electron front end), but also what any sandboxed iframe of any web
+    site sends, so it is opt-in.
     """
-    return (
-        origin == "null"
-        or bool(_LOCAL_ORIGIN.match(origin))
-        or origin.startswith(_APP_SCHEMES)
-        or origin in extra
-    )
+    return bool(_LOCAL_ORIGIN.match(origin)) or origin.startswith(_APP_SCHEMES) or origin in extra
 
 
-class _JSONRequest(TrioRequest):
-    """Reads a JSON body whatever its Content-Type, and fails with a clear detail."""
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
-    async def get_json(self, force: bool = True, silent: bool = False, cache: bool = True) -> Any:
-        return await super().get_json(force=True, silent=silent, cache=cache)
 
-    def on_json_loading_failed(self, error: Exception) -> Any:
-        raise BadRequest(f"Request body is not valid JSON: {error}")
+def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
+    """Whether a `Host` header names this machine (any port) or an allowed name.
+
+    Against DNS rebinding: a web site whose name resolves to 127.0.0.1 still sends its
+    own name as `Host`, so it is refused.
+    """
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name = host[: host.find("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name in _LOOPBACK_HOSTS or name in allowed
+
+
+def is_loopback(address: str) -> bool:
+    """Whether zenow listening on `address` is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+_JSON_TYPES = re.compile(r"^application/([\w.+-]+\+)?json$")
 
 
 def _detail(status: int, detail: str, **extra: Any) -> Response:
+    # A detail may quote the client's own bad text; never fail to say so.
+    detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
     response = jsonify({"detail": detail, **extra})
     response.status_code = status
     return response
@@ -60,7 +80,7 @@ def _detail(status: int, detail: str, **extra: Any) -> Response:
 def create_app(services: Services) -> QuartTrio:
     """The quart-trio app serving the whole API over `services`."""
     app = QuartTrio("zenow")
-    app.request_class = _JSONRequest
+    app.request_class = JSONRequest
     app.config["ZENOW_SERVICES"] = services
     QuartSchema(
         app,
@@ -72,7 +92,27 @@ def create_app(services: Services) -> QuartTrio:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
 
-    extra_origins = services.settings.cors_origins
+    settings = services.settings
+    extra_origins = settings.cors_origins
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
+    app.config["BODY_TIMEOUT"] = settings.read_timeout
+    check_host = is_loopback(settings.host)
+    allowed_hosts = frozenset(h.lower() for h in settings.allowed_hosts)
+
+    @app.before_request
+    async def refuse_foreign_hosts() -> Response | None:
+        if check_host and not host_allowed(request.headers.get("Host", ""), allowed_hosts):
+            return _detail(403, f"Host {request.headers.get('Host', '')!r} is not allowed: zenow answers "
+                                "localhost, 127.0.0.1 and [::1] (add names with --allowed-host)")
+        return None
+
+    @app.before_request
+    async def require_json_bodies() -> Response | None:
+        # A browser sends a cross-site POST with a text/plain or form body without asking
+        # first (no preflight); requiring application/json makes every write preflighted.
+        if request.method in ("POST", "PUT", "PATCH") and not _JSON_TYPES.match(request.mimetype or ""):
+            return _detail(415, f"Content-Type must be application/json, got {request.mimetype or 'none'!r}")
+        return None
 
     @app.before_request
     async def cors_preflight() -> Response | None:
@@ -115,10 +155,10 @@ def create_app(services: Services) -> QuartTrio:
         return _detail(error.code or 500, error.description or error.name)
 
     @app.errorhandler(Exception)
-    async def unexpected(error: Exception) -> Response:
+    async def unexpected(error: Exception) -> ResponseReturnValue:
         inner = single_cause(error)
-        if inner is not error:
-            return await app.handle_user_exception(inner)  # type: ignore[return-value]
+        if inner is not error and isinstance(inner, Exception):
+            return await app.make_response(await app.handle_user_exception(inner))
         log.error("%s %s failed unexpectedly", request.method, request.path, exc_info=error)
         return _detail(500, f"Internal error: {type(error).__name__}: {error}")
 

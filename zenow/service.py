@@ -12,19 +12,19 @@ from pathlib import Path
 
 import httpx
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
-from .actor import Supervisor
+from .actor import ActorHealth, Supervisor
 from .app import create_app
 from .chat import ChatStreamer, ChatStreamerActor
 from .downloads import DownloadActor, Downloads
 from .errors import ServerStartFailed, ZenowError
-from .routes._context import Services
+from .handles import Services
+from .http_server import serve_http
 from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server
-from .settings import MODES, Settings
+from .settings import MODES, Mode, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
 
@@ -88,7 +88,11 @@ def _hypercorn_config(settings: Settings) -> Config:
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 30
+    # Connections idle between requests, or slow to send a request's headers, are dropped
+    # after this; a slow body is cut by the app's BODY_TIMEOUT.  (hypercorn's read_timeout
+    # is not used: it would also cut a long SSE answer, during which the client sends nothing.)
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    config.h11_max_incomplete_size = 64 * 1024  # request line and headers
     return config
 
 
@@ -129,9 +133,10 @@ async def _run(
     whatever a stopping actor saves (a partial reply, a download's progress) still
     reaches the database.
     """
+    health = ActorHealth()
     async with trio.open_nursery() as store_tier:
         store = Store(
-            await Supervisor(store_tier).start(
+            await Supervisor(store_tier, health=health).start(
                 "store",
                 partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
                 critical=True,
@@ -142,9 +147,9 @@ async def _run(
         except ServerStartFailed as exc:
             log.warning("%s", exc)  # zenow still serves sessions; loads will say the same
         async with trio.open_nursery() as model_tier:
-            supervisor = Supervisor(model_tier)
+            supervisor = Supervisor(model_tier, health=health)
             downloads = Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store)))
-            servers: dict[str, ServerHandle] = {}
+            servers: dict[Mode, ServerHandle] = {}
             for mode in MODES:
                 board = ServerBoard()
                 ref = await supervisor.start(
@@ -154,12 +159,12 @@ async def _run(
             tokens = TokenCounter(servers["llm"].tokenize_count)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
-                    await Supervisor(chat_tier).start(
+                    await Supervisor(chat_tier, health=health).start(
                         "chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens)
                     )
                 )
                 services = Services(settings=settings, store=store, tokens=tokens, downloads=downloads,
-                                    servers=servers, chat=chat)
+                                    servers=servers, chat=chat, health=health)
                 await _serve_http(create_app(services), settings, listener, shutdown, task_status)
                 log.info("zenow stopping")
                 chat_tier.cancel_scope.cancel()
@@ -176,11 +181,12 @@ async def _serve_http(
     async with trio.open_nursery() as nursery:
         await nursery.start(
             partial(
-                worker_serve,
-                wrap_app(app, 2**24, "asgi"),
+                serve_http,
+                wrap_app(app, settings.max_body_size, "asgi"),
                 _hypercorn_config(settings),
-                sockets=Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[]),
-                shutdown_trigger=shutdown.wait,
+                listener,
+                max_connections=settings.max_connections,
+                shutdown=shutdown,
             )
         )
         log.info("zenow serving on http://%s:%d (home %s)", host, port, settings.home)

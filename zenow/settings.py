@@ -59,8 +59,10 @@ class Settings:
     home: Path
     host: str = "127.0.0.1"
     port: int = 8050
-    #: Extra CORS origins allowed beyond the built-in local ones (exact strings).
+    #: Extra CORS origins allowed beyond the built-in local ones (exact strings; "null" for file:// pages).
     cors_origins: tuple[str, ...] = ()
+    #: Host names accepted in the `Host` header besides localhost, 127.0.0.1 and [::1].
+    allowed_hosts: tuple[str, ...] = ()
     #: llama-server binary; None means "look it up" (ZENOW_LLAMA_SERVER, PATH, the ops cache).
     llama_server: str | None = None
     #: A GGUF file to register and load as the llm model when the home has none.
@@ -91,8 +93,10 @@ class Settings:
     max_body_size: int = 8 * 2**20
     #: Open HTTP connections served at once; more wait in the listen backlog.
     max_connections: int = 256
-    #: Seconds a client may take to send a request's headers or body before it is dropped.
+    #: Seconds a client may take to send a request's body before it is answered 408.
     read_timeout: float = 30.0
+    #: Seconds a connection may sit idle, or take to send a request's headers, before it is closed.
+    keep_alive_timeout: float = 5.0
 
     @property
     def database_path(self) -> Path:
@@ -124,6 +128,8 @@ class Settings:
             values["port"] = int(env["ZENOW_PORT"])
         if env.get("ZENOW_CORS_ORIGINS"):
             values["cors_origins"] = tuple(o.strip() for o in env["ZENOW_CORS_ORIGINS"].split(",") if o.strip())
+        if env.get("ZENOW_ALLOWED_HOSTS"):
+            values["allowed_hosts"] = tuple(h.strip() for h in env["ZENOW_ALLOWED_HOSTS"].split(",") if h.strip())
         if env.get("ZENOW_LLAMA_SERVER"):
             values["llama_server"] = env["ZENOW_LLAMA_SERVER"]
         if env.get("ZENOW_SYSTEM_PROMPT"):

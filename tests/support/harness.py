@@ -76,6 +76,20 @@ async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+async def create_session(client: httpx.AsyncClient, first_message: str = "你好，请介绍一下自己") -> dict:
+    """`POST /api/sessions`; asserts success and returns the answer (`session_id`, `session_name`)."""
+    response = await client.post("/api/sessions", json={"first_message": first_message})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def add_message(client: httpx.AsyncClient, session_id: int, role: str, content: str) -> dict:
+    """`POST /api/sessions/{id}/messages`; asserts success and returns the answer."""
+    response = await client.post(f"/api/sessions/{session_id}/messages", json={"role": role, "content": content})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 async def status(client: httpx.AsyncClient, mode: str = "llm") -> dict:
     """`GET /api/server/status` of one mode."""
     return (await client.get("/api/server/status", params={"mode": mode})).json()

@@ -12,11 +12,14 @@ from quart import Blueprint, Response, request
 from ..chat import DONE, ChatRequest, sse
 from ..errors import InvalidRequest
 from ._context import services
+from .sessions import SQL_INT_MAX
 from ._validation import describe_validation_error
 
 bp = Blueprint("chat", __name__)
 
 SESSION_REQUIRED = "session_id is required. Please create a session first."
+#: No reply needs more tokens than the largest context window llama.cpp supports.
+MAX_TOKENS_LIMIT = 1_048_576
 
 
 class ChatMessage(BaseModel):
@@ -27,14 +30,14 @@ class ChatMessage(BaseModel):
 
 class ChatBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    session_id: int
+    session_id: int = Field(ge=-SQL_INT_MAX, le=SQL_INT_MAX)
     messages: list[ChatMessage] | None = None
     #: What the original Zenow desktop front end sends instead of `messages`.
     message: ChatMessage | None = None
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     repeat_penalty: float | None = Field(None, ge=1.0, le=2.0)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     mode: Literal["llm"] = "llm"
 
 
@@ -61,10 +64,10 @@ def parse_chat(body: Any) -> ChatBody:
 @bp.post("/api/chat")
 async def chat() -> Response | dict[str, Any]:
     body = parse_chat(await request.get_json())
-    turns = body.messages if body.messages is not None else [body.message]  # type: ignore[list-item]
+    turns = body.messages if body.messages is not None else [body.message] if body.message else []
     chat_request = ChatRequest(
         session_id=body.session_id,
-        messages=[(m.role, m.content) for m in turns if m is not None],
+        messages=[(m.role, m.content) for m in turns],
         temperature=body.temperature, repeat_penalty=body.repeat_penalty, max_tokens=body.max_tokens,
     )
     streamer = services().chat

@@ -9,21 +9,24 @@ from quart import Blueprint, Response, jsonify, request
 from quart_schema import validate_request
 
 from ..errors import InvalidMode, InvalidRequest, ModelNotFound, ZenowError
-from ..settings import MODES
+from ..settings import Mode, is_mode
 from ..store import ModelInfo
 from ._context import services
 
 bp = Blueprint("models", __name__)
 
 
-def mode_arg(value: object = None, *, default: str | None = "llm") -> str | None:
-    """The `mode` query argument (or `value`), checked; raises `InvalidMode` listing the valid ones."""
-    mode = request.args.get("mode", default) if value is None else value
-    if mode is None:
-        return None
-    if mode not in MODES:
+def mode_arg(value: object = None) -> Mode:
+    """The `mode` query argument (default `llm`), or `value`, checked; raises `InvalidMode`."""
+    mode = request.args.get("mode", "llm") if value is None else value
+    if not is_mode(mode):
         raise InvalidMode(mode)
-    return str(mode)
+    return mode
+
+
+def optional_mode_arg() -> Mode | None:
+    """The `mode` query argument when given, checked; raises `InvalidMode`."""
+    return mode_arg() if "mode" in request.args else None
 
 
 def model_json(model: ModelInfo | None) -> dict[str, Any] | None:
@@ -41,17 +44,17 @@ class LoadModel(BaseModel):
 
 
 @bp.get("/api/models/current")
-async def current_model() -> dict[str, Any] | None:
+async def current_model() -> dict[str, Any]:
     mode = mode_arg()
-    model = await services().store.current_model(mode)  # type: ignore[arg-type]
+    model = await services().store.current_model(mode)
     if model is None:
         raise ModelNotFound(f"No {mode} model is loaded")
-    return model_json(model)
+    return model_json(model) or {}
 
 
 @bp.get("/api/models/list")
 async def list_models() -> dict[str, Any]:
-    mode = mode_arg(default=None)
+    mode = optional_mode_arg()
     store = services().store
     models = await store.list_models(mode)
     current = await store.current_model(mode or "llm")
@@ -84,12 +87,12 @@ async def load_model(data: LoadModel) -> Response | dict[str, Any]:
 @bp.get("/api/server/status")
 @bp.get("/api/models/server_status")
 async def server_status() -> dict[str, Any]:
-    return services().servers[mode_arg()].status().to_json()  # type: ignore[no-any-return]
+    return services().servers[mode_arg()].status().to_json()
 
 
 @bp.get("/api/models/get_param")
 async def get_parameters() -> dict[str, Any]:
-    return services().servers[mode_arg()].parameters()  # type: ignore[no-any-return]
+    return services().servers[mode_arg()].parameters()
 
 
 @bp.post("/api/models/update_param")

@@ -18,6 +18,8 @@ bp = Blueprint("sessions", __name__)
 
 SESSION_NAME_MAX = 50
 RENAME_MAX = 200
+#: The largest integer SQLite stores: ids, offsets and limits beyond it are the caller's error.
+SQL_INT_MAX = 2**63 - 1
 
 
 class _Body(BaseModel):
@@ -39,11 +41,11 @@ class AddMessage(_Body):
 
 class SessionPage(BaseModel):
     limit: int = Field(100, ge=0, le=10_000)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=SQL_INT_MAX)
 
 
 class MessagePage(BaseModel):
-    limit: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=0, le=SQL_INT_MAX)
 
 
 _INTEGER = re.compile(r"^-?\d{1,18}$")

@@ -10,7 +10,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import StoreError
+from ..errors import InvalidRequest, StoreError
 from . import _queries as q
 from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 
@@ -40,9 +40,20 @@ class StoreActor(Actor):
             self._conn = None
 
     async def execute(self, query: Callable[..., T], *args: Any) -> T:
+        """Run `query(connection, *args)` in a worker thread.
+
+        Raises `InvalidRequest` when the arguments are values SQLite cannot hold (an
+        integer beyond 64 bits, text that is not valid Unicode): that is the caller's
+        error, and the transaction was rolled back, so the actor goes on.  Raises
+        `StoreError` when the database itself fails.
+        """
         assert self._conn is not None
         try:
             return await trio.to_thread.run_sync(query, self._conn, *args)
+        except OverflowError as exc:
+            raise InvalidRequest(f"a number is out of range: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest("text is not valid Unicode (it holds a lone surrogate)") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"Database error: {exc}") from exc
 
@@ -54,7 +65,11 @@ class Store:
     def __init__(self, ref: ActorRef[StoreActor]) -> None:
         self._ref = ref
 
-    async def _run(self, query: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args) -> T:
+    async def _run(
+        self, query: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        if kwargs:
+            raise TypeError("store queries take positional arguments only")
         return await self._ref.call(StoreActor.execute, query, *args)
 
     # sessions (raise SessionNotFound for an unknown id)

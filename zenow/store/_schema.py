@@ -74,7 +74,7 @@ def migrate(conn: sqlite3.Connection) -> int:
 
     Raises `RuntimeError` for a database newer than this zenow understands.
     """
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > SCHEMA_VERSION:
         raise RuntimeError(
             f"the database is at schema version {version}, newer than this zenow ({SCHEMA_VERSION})"

@@ -1,0 +1,29 @@
+"""`Services`: the actor handles the HTTP front may use, built by the service at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .actor import ActorHealth
+from .chat import ChatStreamer
+from .downloads import Downloads
+from .servers import ServerHandle
+from .settings import Mode, Settings
+from .store import Store
+from .tokens import TokenCounter
+
+__all__ = ["Services"]
+
+
+@dataclass(frozen=True)
+class Services:
+    """The handles a route may use; built by the service, attached to the app."""
+
+    settings: Settings
+    store: Store
+    tokens: TokenCounter
+    servers: dict[Mode, ServerHandle]  # one per mode
+    downloads: Downloads
+    chat: ChatStreamer
+    #: Which actors have given up (the health probe reports them).
+    health: ActorHealth
