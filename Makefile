@@ -11,15 +11,24 @@ SMOLLM2 := $(VENV)/.smollm2
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test install llama-server clean
+.PHONY: run test test-fast check install llama-server clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
 	  $(PY) -m zenow serve --host $(HOST) --port $(PORT) --default-llm "$$(cat $(SMOLLM2))"
 
-test: install llama-server $(SMOLLM2)
+test: install llama-server $(SMOLLM2) check
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) -m pytest
+
+# A quick loop: the tests that need no llama-server (real-binary tests are marked real_llama).
+test-fast: install
+	$(PY) -m pytest -m "not real_llama" -q
+
+# Static checks: mypy (strict) over zenow/, ruff over zenow/ and tests/.
+check: install
+	$(PY) -m mypy
+	$(PY) -m ruff check zenow tests
 
 install: $(INSTALLED)
 

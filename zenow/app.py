@@ -18,7 +18,7 @@ from .errors import ZenowError, single_cause
 from .handles import Services
 from .request_body import JSONRequest
 from .routes import blueprints
-from .routes._validation import describe_validation_error
+from .routes._validation import describe_validation_error, first_bad_field
 
 __all__ = ["create_app", "origin_allowed"]
 
@@ -69,10 +69,22 @@ def is_loopback(address: str) -> bool:
 _JSON_TYPES = re.compile(r"^application/([\w.+-]+\+)?json$")
 
 
-def _detail(status: int, detail: str, **extra: Any) -> Response:
+#: OpenAI's error `type` for each status zenow answers on `/v1`.
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                       404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+                       415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def _detail(status: int, detail: str, *, param: str | None = None, code: str | None = None,
+            **extra: Any) -> Response:
+    """An error answer: `{"detail": ...}` on `/api`, OpenAI's `{"error": {...}}` on `/v1`."""
     # A detail may quote the client's own bad text; never fail to say so.
     detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
-    response = jsonify({"detail": detail, **extra})
+    if request.path.startswith("/v1/") or request.path == "/v1":
+        kind = _OPENAI_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        response = jsonify({"error": {"message": detail, "type": kind, "param": param, "code": code}})
+    else:
+        response = jsonify({"detail": detail, **extra})
     response.status_code = status
     return response
 
@@ -142,13 +154,14 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def invalid_request(error: RequestSchemaValidationError) -> Response:
-        return _detail(400, describe_validation_error(error.validation_error))
+        return _detail(400, describe_validation_error(error.validation_error),
+                       param=first_bad_field(error.validation_error))
 
     @app.errorhandler(ZenowError)
     async def zenow_error(error: ZenowError) -> Response:
         if error.status_code >= 500:
             log.error("%s %s failed: %s", request.method, request.path, error, exc_info=error)
-        return _detail(error.status_code, error.detail)
+        return _detail(error.status_code, error.detail, param=error.param, code=error.code)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

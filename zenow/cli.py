@@ -20,6 +20,23 @@ __all__ = ["main"]
 log = logging.getLogger("zenow")
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(text: str) -> int:
+    """A byte count like `8M` or `64G` (binary units) or a plain number."""
+    number, unit = text.strip().upper().rstrip("IB") or "0", ""
+    if number and number[-1] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8M or 64G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zenow",
@@ -55,7 +72,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cors-origin", action="append", default=None, metavar="ORIGIN",
         help="also allow this browser origin, exactly (repeatable; env ZENOW_CORS_ORIGINS, "
-        "comma-separated). Local origins are always allowed.",
+        "comma-separated). Local origins are always allowed; 'null' (file:// pages, but also "
+        "any sandboxed iframe) only when given here.",
+    )
+    serve.add_argument(
+        "--allowed-host", action="append", default=None, metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; env ZENOW_ALLOWED_HOSTS, "
+        "comma-separated). Bound to loopback, zenow answers only localhost, 127.0.0.1 and [::1] "
+        "otherwise, against DNS rebinding.",
+    )
+    serve.add_argument(
+        "--max-body-size", type=_size, default=None, metavar="BYTES",
+        help="largest request body accepted, e.g. 8M (default 8 MiB); larger ones answer 413",
+    )
+    serve.add_argument(
+        "--max-download-size", type=_size, default=None, metavar="BYTES",
+        help="largest model file a download may write, e.g. 64G (default 64 GiB)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=None, metavar="N",
+        help="HTTP connections served at once (default 256); more wait to be accepted",
     )
     serve.add_argument(
         "--system-prompt", default=None,
@@ -97,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host, port=args.port, home=args.home, default_llm=args.default_llm,
         llama_server=args.llama_server,
         cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
+        allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
+        max_body_size=args.max_body_size, max_download_size=args.max_download_size,
+        max_connections=args.max_connections,
         system_prompt=args.system_prompt,
     )
     try:

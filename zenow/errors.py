@@ -49,9 +49,18 @@ __all__ = [
 
 
 class ZenowError(Exception):
-    """Base of every error zenow raises on purpose; `str(error)` is the user-facing detail."""
+    """Base of every error zenow raises on purpose; `str(error)` is the user-facing detail.
+
+    `param` names the request field at fault and `code` is a short machine-readable
+    reason, where known (the OpenAI error shape on `/v1` shows both).
+    """
 
     status_code = 500
+
+    def __init__(self, *args: object, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
+        self.code = code
 
     @property
     def detail(self) -> str:

@@ -17,3 +17,10 @@ def describe_validation_error(error: Exception) -> str:
             message = "must be a JSON object"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
+
+
+def first_bad_field(error: Exception) -> str | None:
+    """The dotted name of the first field a pydantic validation error names, if any."""
+    if isinstance(error, ValidationError) and error.errors():
+        return ".".join(str(p) for p in error.errors()[0]["loc"]) or None
+    return None
