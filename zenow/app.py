@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+from collections.abc import Mapping
 import logging
 import re
 from typing import Any
 
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_trio import QuartTrio
@@ -66,6 +68,36 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+#: Routes a browser opens without being able to set headers (EventSource, WebSocket): the key
+#: may come as `?api_key=` there, and nowhere else (a URL ends up in logs and histories).
+KEY_IN_QUERY_PATHS = frozenset({"/api/events", "/api/ws"})
+
+
+def presented_key(headers: Mapping[str, str], path: str, args: Mapping[str, str]) -> str | None:
+    """The API key a request carries: `Authorization: Bearer KEY`, `x-api-key: KEY`, or
+    `?api_key=KEY` on the routes in `KEY_IN_QUERY_PATHS`."""
+    authorization = headers.get("Authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    if headers.get("x-api-key"):
+        return headers["x-api-key"].strip()
+    if path in KEY_IN_QUERY_PATHS and args.get("api_key"):
+        return args["api_key"]
+    return None
+
+
+def key_accepted(presented: str | None, keys: tuple[str, ...]) -> bool:
+    """Whether `presented` is one of `keys`, compared in constant time against every key."""
+    if presented is None:
+        return False
+    given = presented.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+    return matched
+
+
 _JSON_TYPES = re.compile(r"^application/([\w.+-]+\+)?json$")
 
 
@@ -87,6 +119,11 @@ def _detail(status: int, detail: str, *, param: str | None = None, code: str | N
         response = jsonify({"detail": detail, **extra})
     response.status_code = status
     return response
+
+
+def _is_preflight() -> bool:
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -118,6 +155,21 @@ def create_app(services: Services) -> QuartTrio:
                                 "localhost, 127.0.0.1 and [::1] (add names with --allowed-host)")
         return None
 
+    api_keys = settings.api_keys
+
+    @app.before_request
+    async def require_api_key() -> Response | None:
+        if not api_keys or _is_preflight():
+            return None
+        authenticated = key_accepted(presented_key(request.headers, request.path, request.args), api_keys)
+        g.zenow_authenticated = authenticated
+        if authenticated or (request.method == "GET" and request.path == "/api/health"):
+            return None
+        response = _detail(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                           code="invalid_api_key")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="zenow"'
+        return response
+
     @app.before_request
     async def require_json_bodies() -> Response | None:
         # A browser sends a cross-site POST with a text/plain or form body without asking
@@ -128,9 +180,9 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def cors_preflight() -> Response | None:
-        origin = request.headers.get("Origin")
-        if request.method != "OPTIONS" or origin is None or "Access-Control-Request-Method" not in request.headers:
+        if not _is_preflight():
             return None
+        origin = request.headers["Origin"]
         if not origin_allowed(origin, extra_origins):
             return _detail(403, f"Origin {origin} is not allowed")
         response = Response("", status=204)

@@ -37,6 +37,20 @@ def _size(text: str) -> int:
     return value
 
 
+def _api_keys(given: list[str] | None, key_file: Path | None) -> tuple[str, ...] | None:
+    """The keys from `--api-key` and `--api-key-file`, or None when neither was given."""
+    keys = [k.strip() for k in given or () if k.strip()]
+    if key_file is not None:
+        try:
+            lines = key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(f"zenow: cannot read --api-key-file {key_file}: {exc.strerror}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise SystemExit(f"zenow: --api-key-file {key_file} holds no key")
+    return tuple(keys) or None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zenow",
@@ -74,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also allow this browser origin, exactly (repeatable; env ZENOW_CORS_ORIGINS, "
         "comma-separated). Local origins are always allowed; 'null' (file:// pages, but also "
         "any sandboxed iframe) only when given here.",
+    )
+    serve.add_argument(
+        "--api-key", action="append", default=None, metavar="KEY",
+        help="require this key on every request but GET /api/health, as 'Authorization: Bearer KEY' "
+        "or 'x-api-key: KEY' (repeatable; env ZENOW_API_KEY). Prefer --api-key-file or the "
+        "environment: a command line is visible to every user of the machine.",
+    )
+    serve.add_argument(
+        "--api-key-file", type=Path, default=None, metavar="FILE",
+        help="read API keys from FILE, one per line (blank lines and # comments ignored)",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", default=None,
+        help="allow listening on a non-loopback address without an API key",
     )
     serve.add_argument(
         "--allowed-host", action="append", default=None, metavar="NAME",
@@ -134,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         llama_server=args.llama_server,
         cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
         allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
+        api_keys=_api_keys(args.api_key, args.api_key_file), insecure=args.insecure,
         max_body_size=args.max_body_size, max_download_size=args.max_download_size,
         max_connections=args.max_connections,
         system_prompt=args.system_prompt,

@@ -17,7 +17,7 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from .actor import ActorHealth, Supervisor
-from .app import create_app
+from .app import create_app, is_loopback
 from .chat import ChatStreamer, ChatStreamerActor
 from .downloads import DownloadActor, Downloads
 from .errors import ServerStartFailed, ZenowError
@@ -28,7 +28,7 @@ from .settings import MODES, Mode, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
 
-__all__ = ["HomeInUse", "PortInUse", "serve"]
+__all__ = ["Exposed", "HomeInUse", "PortInUse", "check_exposure", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,22 @@ class HomeInUse(ZenowError):
 
 class PortInUse(ZenowError):
     """The address to listen on is taken."""
+
+
+class Exposed(ZenowError):
+    """Listening beyond loopback without an API key (and without --insecure)."""
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve other machines with no key: they would get every conversation and model.
+
+    Raises `Exposed` saying how to proceed.
+    """
+    if not is_loopback(settings.host) and not settings.api_keys and not settings.insecure:
+        raise Exposed(
+            f"refusing to listen on {settings.host} without an API key: anyone who can reach it could "
+            "read every conversation. Give --api-key-file (or ZENOW_API_KEY), or --insecure if you mean it"
+        )
 
 
 class HomeLock:
@@ -111,6 +127,7 @@ async def serve(
     cannot start.
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
+    check_exposure(settings)
     lock = HomeLock(settings.home)
     try:
         for mode in MODES:

@@ -63,6 +63,10 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     #: Host names accepted in the `Host` header besides localhost, 127.0.0.1 and [::1].
     allowed_hosts: tuple[str, ...] = ()
+    #: Keys a client must present (`Authorization: Bearer KEY` or `x-api-key: KEY`); none: no check.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Allow listening beyond loopback without an API key.
+    insecure: bool = False
     #: llama-server binary; None means "look it up" (ZENOW_LLAMA_SERVER, PATH, the ops cache).
     llama_server: str | None = None
     #: A GGUF file to register and load as the llm model when the home has none.
@@ -130,6 +134,8 @@ class Settings:
             values["cors_origins"] = tuple(o.strip() for o in env["ZENOW_CORS_ORIGINS"].split(",") if o.strip())
         if env.get("ZENOW_ALLOWED_HOSTS"):
             values["allowed_hosts"] = tuple(h.strip() for h in env["ZENOW_ALLOWED_HOSTS"].split(",") if h.strip())
+        if env.get("ZENOW_API_KEY"):
+            values["api_keys"] = (env["ZENOW_API_KEY"].strip(),)
         if env.get("ZENOW_LLAMA_SERVER"):
             values["llama_server"] = env["ZENOW_LLAMA_SERVER"]
         if env.get("ZENOW_SYSTEM_PROMPT"):
