@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -96,9 +96,6 @@ class Store:
 
     async def newest_messages(self, session_id: int, before_id: int | None, count: int) -> list[MessageInfo]:
         return await self._run(q.newest_messages, session_id, before_id, count)
-
-    async def set_token_counts(self, counts: Iterable[tuple[int, int]]) -> None:
-        await self._run(q.set_token_counts, list(counts))
 
     async def clear_messages(self, session_id: int) -> None:
         await self._run(q.clear_messages, session_id)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotFound, SessionNotFound
+from ..errors import SessionNotFound
 from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 from ._schema import migrate
 
@@ -64,11 +63,7 @@ class _Transaction:
 
 # ---------------------------------------------------------------- sessions
 
-_SESSION_SELECT = """
-    SELECT s.id, s.session_name, s.created_at, s.updated_at,
-           COUNT(m.id), COALESCE(SUM(m.token_count), 0)
-    FROM sessions s LEFT JOIN messages m ON m.session_id = s.id
-"""
+_SESSION_SELECT = "SELECT id, session_name, created_at, updated_at, message_count, total_tokens FROM sessions"
 
 
 def _session(row: tuple[Any, ...]) -> SessionInfo:
@@ -91,7 +86,7 @@ def create_session(conn: sqlite3.Connection, name: str) -> SessionInfo:
 
 
 def get_session(conn: sqlite3.Connection, session_id: int) -> SessionInfo:
-    row = conn.execute(_SESSION_SELECT + " WHERE s.id = ? GROUP BY s.id", (session_id,)).fetchone()
+    row = conn.execute(_SESSION_SELECT + " WHERE id = ?", (session_id,)).fetchone()
     if row is None:
         raise SessionNotFound()
     return _session(row)
@@ -100,7 +95,7 @@ def get_session(conn: sqlite3.Connection, session_id: int) -> SessionInfo:
 def list_sessions(conn: sqlite3.Connection, limit: int, offset: int) -> tuple[list[SessionInfo], int]:
     with _Transaction(conn):  # one snapshot for the page and the total
         rows = conn.execute(
-            _SESSION_SELECT + " GROUP BY s.id ORDER BY s.updated_at DESC, s.id DESC LIMIT ? OFFSET ?",
+            _SESSION_SELECT + " ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
         (total,) = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()
@@ -136,7 +131,11 @@ def add_message(
             " VALUES (?, ?, ?, ?, ?)",
             (session_id, role, content, token_count, stamp),
         )
-        conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (stamp, session_id))
+        conn.execute(
+            "UPDATE sessions SET updated_at = ?, message_count = message_count + 1,"
+            " total_tokens = total_tokens + ? WHERE id = ?",
+            (stamp, token_count, session_id),
+        )
     return MessageInfo(int(cur.lastrowid or 0), session_id, role, content, token_count, shown(stamp))  # type: ignore[arg-type]
 
 
@@ -178,17 +177,13 @@ def newest_messages(
     return [_message(r) for r in rows]
 
 
-def set_token_counts(conn: sqlite3.Connection, counts: Iterable[tuple[int, int]]) -> None:
-    """Replace estimated token counts with counts from a model's tokenizer: (message id, count)."""
-    with _Transaction(conn):
-        conn.executemany("UPDATE messages SET token_count = ? WHERE id = ?", [(c, i) for i, c in counts])
-
-
 def clear_messages(conn: sqlite3.Connection, session_id: int) -> None:
     with _Transaction(conn):
         _require_session(conn, session_id)
         conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-        conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now(), session_id))
+        conn.execute(
+            "UPDATE sessions SET updated_at = ?, message_count = 0, total_tokens = 0 WHERE id = ?", (now(), session_id)
+        )
 
 
 # ---------------------------------------------------------------- models
@@ -234,13 +229,6 @@ def find_model(conn: sqlite3.Connection, mode: str, name: str) -> ModelInfo | No
         f"SELECT {_MODEL_COLUMNS} FROM models WHERE mode = ? AND name = ?", (mode, name)
     ).fetchone()
     return _model(row) if row else None
-
-
-def get_model(conn: sqlite3.Connection, model_id: int) -> ModelInfo:
-    row = conn.execute(f"SELECT {_MODEL_COLUMNS} FROM models WHERE id = ?", (model_id,)).fetchone()
-    if row is None:
-        raise ModelNotFound(f"Model {model_id} not found")
-    return _model(row)
 
 
 def current_model(conn: sqlite3.Connection, mode: str) -> ModelInfo | None:

@@ -64,6 +64,15 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     );
     """,
+    # 2 -> 3: each session keeps its message count and token total, so listing a page of
+    # sessions reads that page through `sessions_by_update` instead of grouping every message
+    """
+    ALTER TABLE sessions ADD COLUMN message_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN total_tokens INTEGER NOT NULL DEFAULT 0;
+    UPDATE sessions SET
+        message_count = (SELECT COUNT(*) FROM messages m WHERE m.session_id = sessions.id),
+        total_tokens = (SELECT COALESCE(SUM(token_count), 0) FROM messages m WHERE m.session_id = sessions.id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
