@@ -97,3 +97,31 @@ def test_the_session_list_reads_a_page_by_index(tmp_path, sessions):
         assert "sessions_by_update" in plan and "TEMP B-TREE" not in plan
     finally:
         conn.close()
+
+
+async def test_backup_while_zenow_runs_restores_every_session(nursery, tmp_path):
+    import sys
+
+    import trio
+
+    from tests.support.harness import REPO, add_message, create_session, make_settings, start_zenow
+
+    settings = make_settings(tmp_path / "home")
+    async with start_zenow(nursery, settings) as zenow:
+        for i in range(20):
+            sid = (await create_session(zenow.client, f"session {i}"))["session_id"]
+            await add_message(zenow.client, sid, "user", f"message {i}")
+        out = tmp_path / "backup.db"
+        result = await trio.run_process(
+            [sys.executable, "-m", "zenow", "backup", str(out), "--home", str(settings.home)],
+            capture_stdout=True, capture_stderr=True, cwd=REPO, check=False)
+        assert result.returncode == 0, result.stderr
+        assert b"20 sessions" in result.stdout
+        await add_message(zenow.client, sid, "user", "written after the backup")
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    out.rename(restored / "zenow.db")
+    async with start_zenow(nursery, make_settings(restored)) as again:
+        listing = (await again.client.get("/api/sessions")).json()
+        assert listing["total"] == 20
+        assert {s["message_count"] for s in listing["sessions"]} == {1}

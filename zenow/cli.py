@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,7 +127,29 @@ def _parser() -> argparse.ArgumentParser:
         help="default system prompt for chat (env ZENOW_SYSTEM_PROMPT)",
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database consistently, even while zenow runs",
+        description="Copy HOME/zenow.db to OUT with SQLite's online backup API: consistent while "
+        "zenow serves, checked, and renamed into place only when complete. To restore, stop zenow "
+        "and put the copy at HOME/zenow.db (or start zenow with --home on a folder holding it).",
+    )
+    backup.add_argument("out", type=Path, metavar="OUT.db", help="where to write the copy")
+    backup.add_argument("--home", type=Path, default=None, help="zenow's home (env ZENOW_HOME; default ~/.cache/zenow)")
     return parser
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from .store import backup_database
+
+    settings = Settings.from_environment(home=args.home)
+    try:
+        sessions = backup_database(settings.database_path, args.out)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"zenow: backup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {settings.database_path} to {args.out} ({sessions} sessions)")
+    return 0
 
 
 async def _serve_until_signalled(settings: Settings) -> None:
@@ -152,6 +175,8 @@ async def _watch_signals(signals: object, shutdown: trio.Event, scope: trio.Canc
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "backup":
+        return _backup(args)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
