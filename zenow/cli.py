@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
         help="default system prompt for chat (env ZENOW_SYSTEM_PROMPT)",
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    commands.add_parser(
+        "convert", add_help=False,
+        help="convert a BERT embedding model (safetensors) to GGUF; 'zenow convert --help' for more",
+    )
     backup = commands.add_parser(
         "backup",
         help="copy the database consistently, even while zenow runs",
@@ -174,6 +178,11 @@ async def _watch_signals(signals: object, shutdown: trio.Event, scope: trio.Canc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # its own parser: options like --into come before the paths
+        from .convert import main as convert_main
+
+        return convert_main(argv[1:], prog="zenow convert")
     args = _parser().parse_args(argv)
     if args.command == "backup":
         return _backup(args)

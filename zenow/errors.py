@@ -18,6 +18,8 @@ the exception is the `detail` the client sees::
     ├── UpstreamError             502: llama-server answered badly or went away
     ├── DownloadFailed            the download ended in `failed`; says why
     ├── StoreError                500: the database failed (translated from sqlite3)
+    │   ├── StorageFull           507: the disk holding the database is full
+    │   └── StoreReadOnly         503: the database cannot be written (read-only file or folder)
     ├── ActorCrashed              500: a bug in an actor while serving the call (it restarts)
     └── ActorUnavailable          503: an actor is stopped, or stopped while serving the call
 
@@ -41,7 +43,9 @@ __all__ = [
     "ServerNotRunning",
     "ServerStartFailed",
     "SessionNotFound",
+    "StorageFull",
     "StoreError",
+    "StoreReadOnly",
     "UpstreamError",
     "ZenowError",
     "single_cause",
@@ -119,6 +123,14 @@ class DownloadFailed(ZenowError):
 
 class StoreError(ZenowError):
     status_code = 500
+
+
+class StorageFull(StoreError):
+    status_code = 507
+
+
+class StoreReadOnly(StoreError):
+    status_code = 503
 
 
 class ActorCrashed(ZenowError):

@@ -10,7 +10,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import InvalidRequest, StoreError
+from ..errors import InvalidRequest, StorageFull, StoreError, StoreReadOnly
 from . import _queries as q
 from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 
@@ -55,7 +55,17 @@ class StoreActor(Actor):
         except UnicodeEncodeError as exc:
             raise InvalidRequest("text is not valid Unicode (it holds a lone surrogate)") from exc
         except sqlite3.Error as exc:
-            raise StoreError(f"Database error: {exc}") from exc
+            raise _store_error(exc) from exc
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    """The domain error for a database failure; the transaction was rolled back, nothing half-written."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFull(f"The disk is full: the database cannot grow ({exc}); nothing was saved")
+    if code is not None and code & 0xFF == sqlite3.SQLITE_READONLY:
+        return StoreReadOnly(f"The database is read-only ({exc}); nothing was saved, reading still works")
+    return StoreError(f"Database error: {exc}")
 
 
 class Store:
