@@ -12,8 +12,9 @@ from quart import Blueprint, Response, request
 from ..chat import DONE, ChatRequest, sse
 from ..errors import InvalidRequest
 from ._context import services
-from .sessions import SQL_INT_MAX
+from ._shapes import ChatAnswer, documented
 from ._validation import describe_validation_error
+from .sessions import SQL_INT_MAX
 
 bp = Blueprint("chat", __name__)
 
@@ -62,6 +63,7 @@ def parse_chat(body: Any) -> ChatBody:
 
 
 @bp.post("/api/chat")
+@documented(ChatAnswer, 404, 502, 507, body=ChatBody)
 async def chat() -> Response | dict[str, Any]:
     body = parse_chat(await request.get_json())
     turns = body.messages if body.messages is not None else [body.message] if body.message else []

@@ -10,8 +10,21 @@ from quart_schema import validate_request
 
 from ..errors import InvalidMode, InvalidRequest, ModelNotFound, ZenowError
 from ..settings import Mode, is_mode
-from ..store import ModelInfo
 from ._context import services
+from ._shapes import (
+    Loaded,
+    Model,
+    ModelList,
+    ModeQuery,
+    OptionalModeQuery,
+    Parameters,
+    ParameterUpdate,
+    ServerStatusShape,
+    Updated,
+    documented,
+    model_json,
+    server_status_json,
+)
 
 bp = Blueprint("models", __name__)
 
@@ -29,13 +42,6 @@ def optional_mode_arg() -> Mode | None:
     return mode_arg() if "mode" in request.args else None
 
 
-def model_json(model: ModelInfo | None) -> dict[str, Any] | None:
-    if model is None:
-        return None
-    return {"id": model.id, "name": model.name, "path": model.path,
-            "is_downloaded": model.is_downloaded, "mode": model.mode}
-
-
 class LoadModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     model_name: str = Field(min_length=1, max_length=200)
@@ -44,6 +50,7 @@ class LoadModel(BaseModel):
 
 
 @bp.get("/api/models/current")
+@documented(Model, 404, query=ModeQuery)
 async def current_model() -> dict[str, Any]:
     mode = mode_arg()
     model = await services().store.current_model(mode)
@@ -53,6 +60,7 @@ async def current_model() -> dict[str, Any]:
 
 
 @bp.get("/api/models/list")
+@documented(ModelList, query=OptionalModeQuery)
 async def list_models() -> dict[str, Any]:
     mode = optional_mode_arg()
     store = services().store
@@ -62,6 +70,7 @@ async def list_models() -> dict[str, Any]:
 
 
 @bp.post("/api/models/load")
+@documented(Loaded, 404)
 @validate_request(LoadModel)
 async def load_model(data: LoadModel) -> Response | dict[str, Any]:
     mode = mode_arg(data.mode)
@@ -86,16 +95,19 @@ async def load_model(data: LoadModel) -> Response | dict[str, Any]:
 
 @bp.get("/api/server/status")
 @bp.get("/api/models/server_status")
+@documented(ServerStatusShape, query=ModeQuery)
 async def server_status() -> dict[str, Any]:
-    return services().servers[mode_arg()].status().to_json()
+    return server_status_json(services().servers[mode_arg()].status())
 
 
 @bp.get("/api/models/get_param")
+@documented(Parameters, query=ModeQuery)
 async def get_parameters() -> dict[str, Any]:
     return services().servers[mode_arg()].parameters()
 
 
 @bp.post("/api/models/update_param")
+@documented(Updated, 507, query=ModeQuery, body=ParameterUpdate)
 async def update_parameters() -> dict[str, Any]:
     mode = mode_arg()
     changes = await request.get_json()

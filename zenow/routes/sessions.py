@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,8 +10,18 @@ from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
 from ..errors import InvalidRequest
-from ..store import SessionInfo
 from ._context import services
+from ._shapes import (
+    AddedMessage,
+    CreatedSession,
+    Done,
+    MessageList,
+    Session,
+    SessionList,
+    documented,
+    message_json,
+    session_json,
+)
 
 bp = Blueprint("sessions", __name__)
 
@@ -65,6 +74,7 @@ def session_name_from(first_message: str) -> str:
 
 
 @bp.post("/api/sessions")
+@documented(CreatedSession, 507)
 @validate_request(CreateSession)
 async def create_session(data: CreateSession) -> dict[str, object]:
     session = await services().store.create_session(session_name_from(data.first_message))
@@ -72,18 +82,21 @@ async def create_session(data: CreateSession) -> dict[str, object]:
 
 
 @bp.get("/api/sessions")
+@documented(SessionList)
 @validate_querystring(SessionPage)
 async def list_sessions(query_args: SessionPage) -> dict[str, object]:
     sessions, total = await services().store.list_sessions(query_args.limit, query_args.offset)
-    return {"sessions": [_session_json(s) for s in sessions], "total": total}
+    return {"sessions": [session_json(s) for s in sessions], "total": total}
 
 
 @bp.get("/api/sessions/<session_id>")
+@documented(Session, 404)
 async def get_session(session_id: str) -> dict[str, object]:
-    return _session_json(await services().store.get_session(parse_id(session_id, "session_id")))
+    return session_json(await services().store.get_session(parse_id(session_id, "session_id")))
 
 
 @bp.put("/api/sessions/<session_id>/name")
+@documented(Done, 404, 507)
 @validate_request(RenameSession)
 async def rename_session(session_id: str, data: RenameSession) -> dict[str, object]:
     sid = parse_id(session_id, "session_id")
@@ -97,28 +110,27 @@ async def rename_session(session_id: str, data: RenameSession) -> dict[str, obje
 
 
 @bp.delete("/api/sessions/<session_id>")
+@documented(Done, 404)
 async def delete_session(session_id: str) -> dict[str, object]:
     await services().store.delete_session(parse_id(session_id, "session_id"))
     return {"success": True, "message": "Session deleted"}
 
 
 @bp.get("/api/sessions/<session_id>/messages")
+@documented(MessageList, 404)
 @validate_querystring(MessagePage)
 async def get_messages(session_id: str, query_args: MessagePage) -> dict[str, object]:
     sid = parse_id(session_id, "session_id")
     messages, total_tokens = await services().store.get_messages(sid, query_args.limit)
     return {
-        "messages": [
-            {"id": m.id, "session_id": m.session_id, "role": m.role, "content": m.content,
-             "token_count": m.token_count, "created_at": m.created_at}
-            for m in messages
-        ],
+        "messages": [message_json(m) for m in messages],
         "session_id": sid,
         "total_tokens": total_tokens,
     }
 
 
 @bp.post("/api/sessions/<session_id>/messages")
+@documented(AddedMessage, 404, 507)
 @validate_request(AddMessage)
 async def add_message(session_id: str, data: AddMessage) -> dict[str, object]:
     sid = parse_id(session_id, "session_id")
@@ -130,10 +142,7 @@ async def add_message(session_id: str, data: AddMessage) -> dict[str, object]:
 
 
 @bp.delete("/api/sessions/<session_id>/messages")
+@documented(Done, 404, 507)
 async def clear_messages(session_id: str) -> dict[str, object]:
     await services().store.clear_messages(parse_id(session_id, "session_id"))
     return {"success": True, "message": "Messages cleared"}
-
-
-def _session_json(session: SessionInfo) -> dict[str, object]:
-    return asdict(session)

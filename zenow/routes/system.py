@@ -8,11 +8,13 @@ from quart import Blueprint, g
 
 from .. import __version__
 from ._context import services
+from ._shapes import Health, documented
 
 bp = Blueprint("system", __name__)
 
 
 @bp.get("/api/health")
+@documented(Health)
 async def health() -> tuple[dict[str, Any], int]:
     """200 `healthy` while every actor serves; 503 `degraded` naming the actors that gave up."""
     down = services().health.down()

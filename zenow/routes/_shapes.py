@@ -1,0 +1,204 @@
+"""The HTTP shapes of `/api`: what each route answers, as the spec shows it.
+
+The pydantic models document the routes in `/openapi.json` (what front-end authors and
+the fuzzer read); the functions turn the actors' records into those shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from quart_schema import document_querystring, document_request, document_response
+
+from ..servers import ServerStatus
+from ..store import MessageInfo, ModelInfo, SessionInfo
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Every route may answer these with `{"detail": ...}`: bad input, a missing or wrong key, a
+#: foreign Host, a body too large or not JSON, a failure, an actor that is down.
+COMMON_ERRORS = (400, 401, 403, 413, 415, 500, 503)
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["healthy", "degraded"]
+    app: Literal["zenow"]
+    version: str | None = None
+    #: The actors that crashed too often and stay down, with why (only when degraded).
+    down: dict[str, str] | None = None
+
+
+class ModeQuery(BaseModel):
+    mode: Literal["llm", "embed", "rerank"] = "llm"
+
+
+class OptionalModeQuery(BaseModel):
+    mode: Literal["llm", "embed", "rerank"] | None = None
+
+
+class Done(BaseModel):
+    success: bool
+    message: str
+
+
+class CreatedSession(BaseModel):
+    session_id: int
+    session_name: str
+
+
+class Session(BaseModel):
+    id: int
+    session_name: str
+    created_at: str
+    updated_at: str
+    message_count: int
+    total_tokens: int
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+    total: int
+
+
+class Message(BaseModel):
+    id: int
+    session_id: int
+    role: Literal["user", "assistant", "system"]
+    content: str
+    token_count: int
+    created_at: str
+
+
+class MessageList(BaseModel):
+    messages: list[Message]
+    session_id: int
+    total_tokens: int
+
+
+class AddedMessage(BaseModel):
+    message_id: int
+    token_count: int
+
+
+class Model(BaseModel):
+    id: int
+    name: str
+    path: str
+    is_downloaded: bool
+    mode: Literal["llm", "embed", "rerank"]
+
+
+class ModelList(BaseModel):
+    models: list[Model]
+    current_model: Model | None
+
+
+class Loaded(BaseModel):
+    success: bool
+    message: str
+    model_name: str | None
+    model_path: str | None
+    server_status: str
+
+
+class LoadFailed(BaseModel):
+    detail: str
+    success: Literal[False]
+    message: str
+
+
+class ServerStatusShape(BaseModel):
+    status: Literal["not_started", "starting", "running", "error", "stopped"]
+    model_name: str | None
+    model_path: str | None
+    is_running: bool
+    error_message: str | None
+
+
+class Parameters(BaseModel):
+    """A mode's parameters: these four for every mode, plus the mode's own (see the spec, section 1.7)."""
+
+    model_config = ConfigDict(extra="allow")
+    context_size: int
+    threads: int
+    gpu_layers: int
+    batch_size: int
+
+
+class ParameterUpdate(BaseModel):
+    """Any subset of the mode's parameters (unknown keys are a 400 naming them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Updated(BaseModel):
+    success: bool
+    message: str
+    requires_restart: bool
+
+
+class ChatReply(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    message: ChatReply
+    finish_reason: str | None
+
+
+class ChatAnswer(BaseModel):
+    """`stream: false`; with `stream: true` the answer is `text/event-stream` (spec section 3)."""
+
+    choices: list[ChatChoice] = Field(min_length=1)
+    usage: dict[str, Any]
+    session_id: int
+
+
+def documented(answer: type[BaseModel] | None, *errors: int, query: type[BaseModel] | None = None,
+               body: type[BaseModel] | None = None) -> Callable[[F], F]:
+    """Document a route in `/openapi.json`: its 200 answer, its query string or body when the
+    route reads them itself, and its error answers (`COMMON_ERRORS` plus `errors`)."""
+
+    def document(route: F) -> F:
+        if answer is not None:
+            route = document_response(answer, 200)(route)
+        for status in sorted({*COMMON_ERRORS, *errors}):
+            route = document_response(Detail, status)(route)
+        if query is not None:
+            route = document_querystring(query)(route)
+        if body is not None:
+            route = document_request(body)(route)
+        return route
+
+    return document
+
+
+def session_json(session: SessionInfo) -> dict[str, Any]:
+    return asdict(session)
+
+
+def message_json(message: MessageInfo) -> dict[str, Any]:
+    return {"id": message.id, "session_id": message.session_id, "role": message.role, "content": message.content,
+            "token_count": message.token_count, "created_at": message.created_at}
+
+
+def model_json(model: ModelInfo | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    return {"id": model.id, "name": model.name, "path": model.path,
+            "is_downloaded": model.is_downloaded, "mode": model.mode}
+
+
+def server_status_json(status: ServerStatus) -> dict[str, Any]:
+    """A mode's status as the spec shows it (section 4)."""
+    return {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
+            "is_running": status.is_running, "error_message": status.error_message}
