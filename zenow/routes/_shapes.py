@@ -133,9 +133,13 @@ class Parameters(BaseModel):
 
 
 class ParameterUpdate(BaseModel):
-    """Any subset of the mode's parameters (unknown keys are a 400 naming them)."""
+    """Any non-empty subset of the mode's parameters (unknown keys are a 400 naming them)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"minProperties": 1})
+    context_size: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
+    batch_size: int | None = None
 
 
 class Updated(BaseModel):

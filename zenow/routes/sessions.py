@@ -40,7 +40,8 @@ class CreateSession(_Body):
 
 
 class RenameSession(_Body):
-    new_name: str
+    #: Whitespace is collapsed; what is left must not be empty nor longer than RENAME_MAX.
+    new_name: str = Field(pattern=r"\S", json_schema_extra={"maxLength": RENAME_MAX})
 
 
 class AddMessage(_Body):
@@ -57,6 +58,8 @@ class MessagePage(BaseModel):
     limit: int | None = Field(None, ge=0, le=SQL_INT_MAX)
 
 
+#: The largest id a path may name: 18 digits, well inside SQLite's 64-bit integers.
+ID_MAX = 10**18 - 1
 _INTEGER = re.compile(r"^-?\d{1,18}$")
 
 
