@@ -3,8 +3,10 @@
 Raw trio sockets, one request per connection, so a test can make it misbehave the way
 real servers and links do: serve ranges (206 + Content-Range) or ignore them (200, the
 whole file), drop the connection after N body bytes, hold a response until the test
-releases it, trickle slowly, answer an error status, or announce a wrong length.  It
-counts the body bytes it sent, per file, so a test can tell "fetched once" from "twice".
+releases it, trickle slowly, answer an error status, announce a wrong length or type,
+redirect anywhere, or answer bytes that are no HTTP at all.  It counts the body bytes
+it sent, per file, so a test can tell "fetched once" from "twice", and keeps each
+request's target and Authorization header.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ __all__ = ["FileServer", "ServedFile", "SeenRequest"]
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _METHOD = re.compile(rb"^[A-Z]{1,7}( |$)")
-_REASONS = {200: "OK", 206: "Partial Content", 404: "Not Found", 416: "Range Not Satisfiable",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
+            404: "Not Found", 416: "Range Not Satisfiable", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class SeenRequest:
     path: str
     range: str | None
     status: int
+    #: The request line's target as sent (path and query) and the Authorization header.
+    target: str | None = field(default=None, compare=False)
+    authorization: str | None = field(default=None, compare=False)
 
 
 @dataclass(eq=False)
@@ -51,6 +57,11 @@ class ServedFile:
     announce_length: int | None = None
     #: False: send no Content-Length; the body ends when the connection closes.
     send_length: bool = True
+    content_type: str = "application/octet-stream"
+    #: Redirect here (with `status`, 302 unless set otherwise) instead of serving the file.
+    location: str | None = None
+    #: Answer these bytes, whatever they are, instead of an HTTP response.
+    raw_answer: bytes | None = None
     #: Body bytes sent, all requests together.
     sent: int = 0
     requests: list[SeenRequest] = field(default_factory=list)
@@ -90,18 +101,29 @@ class FileServer:
             if served is None:
                 await _send_text(stream, 404, "no such file")
                 return
-            await self._serve(stream, served, path, headers.get("range"), head_only=method == "HEAD")
+            await self._serve(stream, served, path, target, headers, head_only=method == "HEAD")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, served: ServedFile, path: str,
-                     range_header: str | None, head_only: bool) -> None:
+    async def _serve(self, stream: trio.SocketStream, served: ServedFile, path: str, target: str,
+                     headers: dict[str, str], head_only: bool) -> None:
+        range_header = headers.get("range")
+        seen = partial(SeenRequest, path, range_header, target=target, authorization=headers.get("authorization"))
         drop = served.drops.pop(0) if served.drops else None
         hold = served.holds.pop(0) if served.holds else None
+        if served.raw_answer is not None:
+            served.requests.append(seen(0))
+            await stream.send_all(served.raw_answer)
+            return
+        if served.location is not None:
+            status = 302 if served.status == 200 else served.status
+            served.requests.append(seen(status))
+            await _send(stream, status, {"Location": served.location, "Content-Length": "0"})
+            return
         if served.status != 200:
-            served.requests.append(SeenRequest(path, range_header, served.status))
+            served.requests.append(seen(served.status))
             await _send_text(stream, served.status, "nope")
             return
         size = len(served.data)
@@ -110,16 +132,16 @@ class FileServer:
         if served.ranges and match:
             start = int(match.group(1))
             if start >= size:
-                served.requests.append(SeenRequest(path, range_header, 416))
+                served.requests.append(seen(416))
                 await _send(stream, 416, {"Content-Range": f"bytes */{size}", "Content-Length": "0"})
                 return
             status, extra = 206, {"Content-Range": f"bytes {start}-{size - 1}/{size}"}
         body = served.data[start:]
         length = served.announce_length if served.announce_length is not None else len(body)
-        served.requests.append(SeenRequest(path, range_header, status))
+        served.requests.append(seen(status))
         if served.send_length:
             extra["Content-Length"] = str(length)
-        await _send(stream, status, {**extra, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+        await _send(stream, status, {**extra, "Accept-Ranges": "bytes", "Content-Type": served.content_type})
         if head_only:
             return
         position = 0
