@@ -1,32 +1,38 @@
 """Downloads (spec 1.4, 1.5, 1.8) against a real HTTP file server on 127.0.0.1.
 
 The server (tests/support/file_server.py) drops connections, holds responses,
-ignores ranges or answers errors on request, and counts the bytes it sent, so the
-tests can tell a resumed download from one fetched twice.
+ignores ranges, redirects or answers errors on request, and counts the bytes it sent,
+so the tests can tell a resumed download from one fetched twice.  The sections on
+limits, discarding, credentials, hostile answers, existing files and redirects each
+failed on the code before they were written.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import logging
 import random
 import signal
 import sqlite3
 from contextlib import closing
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from zenow.actor import Supervisor
+from zenow.downloads import CANCELLED, INTERRUPTED, DownloadActor, DownloadPolicy, Downloads, FileAlreadyExists
+from zenow.errors import DownloadFailed, DownloadNotFound, InvalidRequest
+from zenow.store import Store, StoreActor
 
 from tests.support.file_server import FileServer, SeenRequest
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
-from zenow.actor import Supervisor
-from zenow.downloads import CANCELLED, INTERRUPTED, DownloadActor, DownloadPolicy, Downloads
-from zenow.errors import DownloadFailed, DownloadNotFound, InvalidRequest
-from zenow.store import Store, StoreActor
 
 KB = 1024
+MB = 1024 * KB
 RECORD_FIELDS = ["url", "filename", "status", "downloaded", "total", "progress", "error"]
 
 
@@ -44,6 +50,10 @@ async def files(nursery: trio.Nursery) -> FileServer:
 
 async def post(client, **body):
     return await client.post("/api/models/download", json=body)
+
+
+async def delete(client, url: str, **params) -> httpx.Response:
+    return await client.delete("/api/models/download", params={"url": url, **params})
 
 
 async def status(client, url: str) -> dict:
@@ -132,24 +142,83 @@ async def test_a_download_of_unknown_size_shows_total_null_until_it_is_done(clie
         "completed", len(data), len(data), 100.0)
 
 
-async def test_a_file_already_downloaded_answers_completed_at_once(client, files, settings):
+async def test_a_file_this_url_downloaded_before_is_used_and_not_fetched_again(nursery, files, settings):
     data = gguf(200 * KB)
     served = files.add("/present.gguf", data)
     url = files.url("/present.gguf")
-    (settings.mode_dir("llm") / "present.gguf").write_bytes(data)
+    async with start_zenow(nursery, settings) as first:
+        await post(first.client, url=url)
+        assert (await finished(first.client, url))["status"] == "completed"
 
-    response = await post(client, url=url)
-    assert response.json() == {"success": True, "url": url, "mode": "llm", "message": "Already downloaded"}
-    assert await status(client, url) == {"url": url, "filename": "present.gguf", "status": "completed",
-                                         "downloaded": len(data), "total": len(data), "progress": 100.0,
-                                         "error": None}
-    assert served.requests == []  # nothing fetched
+    async with start_zenow(nursery, settings) as again:  # the record says so, also after a restart
+        response = await post(again.client, url=url)
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "success": True, "url": url, "mode": "llm",
+            "message": "Already downloaded: the existing file llm/present.gguf is used; nothing was fetched",
+        }
+        assert await status(again.client, url) == {
+            "url": url, "filename": "present.gguf", "status": "completed", "downloaded": len(data),
+            "total": len(data), "progress": 100.0, "error": None}
+    assert len(served.requests) == 1  # fetched once, by the first download
     assert [m[:2] for m in models_in(settings)] == [("present", "llm")]
 
-    (settings.mode_dir("llm") / "junk.gguf").write_bytes(b"not a model")
+
+async def test_a_file_of_unknown_origin_is_refused_with_409_and_left_alone(client, files, settings):
+    data = gguf(200 * KB)
+    served = files.add("/present.gguf", data)
+    url = files.url("/present.gguf")
+    present = settings.mode_dir("llm") / "present.gguf"
+    present.write_bytes(data)
+
+    refused = await post(client, url=url)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["detail"] == (
+        f"filename: {present} already exists and was not downloaded from this URL;"
+        " pick another filename or delete that file")
+
+    junk = settings.mode_dir("llm") / "junk.gguf"
+    junk.write_bytes(b"not a model")
     refused = await post(client, url=url, filename="junk.gguf")
-    assert refused.status_code == 400 and "not a GGUF file" in refused.json()["detail"]
-    assert (settings.mode_dir("llm") / "junk.gguf").read_bytes() == b"not a model"
+    assert refused.status_code == 409
+    assert refused.json()["detail"].startswith(f"filename: {junk} already exists and is not a GGUF file;")
+
+    assert served.requests == []  # nothing fetched, nothing claimed
+    assert (await client.get("/api/models/download/status")).json()["downloads"] == []
+    assert models_in(settings) == []
+    assert present.read_bytes() == data and junk.read_bytes() == b"not a model"
+
+
+async def test_a_file_another_url_downloaded_is_refused_with_409(client, files, settings):
+    files.add("/v1/model.gguf", gguf(100 * KB, seed=1))
+    other = files.add("/v2/model.gguf", gguf(100 * KB, seed=2))
+    first, second = files.url("/v1/model.gguf"), files.url("/v2/model.gguf")
+    await post(client, url=first)
+    assert (await finished(client, first))["status"] == "completed"
+
+    refused = await post(client, url=second)
+    assert refused.status_code == 409 and "was not downloaded from this URL" in refused.json()["detail"]
+    assert other.requests == []
+
+
+async def test_a_file_with_the_asked_sha256_is_used_and_another_digest_is_refused(client, files, settings):
+    data = gguf(300 * KB)
+    served = files.add("/hashed-present.gguf", data)
+    url = files.url("/hashed-present.gguf")
+    (settings.mode_dir("embed") / "hashed-present.gguf").write_bytes(data)
+    wrong = hashlib.sha256(b"another file").hexdigest()
+
+    refused = await post(client, url=url, mode="embed", sha256=wrong)
+    assert refused.status_code == 409
+    assert f"its sha256 is {hashlib.sha256(data).hexdigest()}, not the {wrong} asked for" in refused.json()["detail"]
+
+    used = await post(client, url=url, mode="embed", sha256=hashlib.sha256(data).hexdigest())
+    assert used.status_code == 200, used.text
+    assert used.json()["message"] == (
+        "Already downloaded: the existing file embed/hashed-present.gguf is used; nothing was fetched")
+    assert (await status(client, url))["status"] == "completed"
+    assert served.requests == []
+    assert [m[:2] for m in models_in(settings)] == [("hashed-present", "embed")]
 
 
 # ---------------------------------------------------------------- resume
@@ -370,13 +439,19 @@ async def test_a_sha256_mismatch_fails_and_registers_nothing(client, files, sett
     assert [m[0] for m in models_in(settings)] == ["hashed"]
 
 
-async def test_a_file_that_is_not_gguf_fails_and_leaves_nothing(client, files, settings):
-    served = files.add("/fake.gguf", b"<html>" + random.Random(4).randbytes(200 * KB))
-    url = files.url("/fake.gguf")
+async def test_a_response_that_is_not_gguf_is_described_never_quoted(client, files, settings):
+    page = b"<html><title>SECRET-PAGE</title>" + random.Random(4).randbytes(200 * KB)
+    served = files.add("/fake.gguf", page, content_type="text/html; charset=utf-8")
+    files.add("/odd-type.gguf", page, content_type="<script>SECRET-TYPE</script>")
+    url, odd = files.url("/fake.gguf"), files.url("/odd-type.gguf")
 
     await post(client, url=url)
+    await post(client, url=odd)
     failed = await finished(client, url)
-    assert failed["status"] == "failed" and failed["error"].startswith("not a GGUF file")
+    assert failed["status"] == "failed"
+    assert failed["error"] == "the server's response is not a GGUF file (HTTP 200, text/html)"
+    assert (await finished(client, odd))["error"] == (
+        "the server's response is not a GGUF file (HTTP 200, an unreadable Content-Type)")
     assert files_under(settings) == [] and models_in(settings) == []
     assert served.sent < 200 * KB  # it stopped at the first bytes
 
@@ -387,7 +462,7 @@ async def test_upstream_failures_end_in_failed_with_the_reason_and_zenow_keeps_s
     cases = {
         files.url("/missing.gguf"): "HTTP 404",
         files.url("/tls.gguf", scheme="https"): "TLS error",
-        files.url("/huge.gguf"): "not enough disk space",
+        files.url("/huge.gguf"): "too large: the server announces 1 EiB, over the limit of 64 GiB (max_download_size)",
     }
     for url in cases:
         assert (await post(client, url=url)).status_code == 200
@@ -479,17 +554,196 @@ async def test_load_with_a_download_url_downloads_through_the_actor_then_starts_
     assert served.ranges_asked == [None, f"bytes={100 * KB}-"]  # resumed inside the load
 
 
+# ---------------------------------------------------------------- limits: size and free space
+
+
+async def test_a_body_of_unknown_size_is_cut_off_at_max_download_size(nursery, files, tmp_path):
+    # a server once pushed 772 MB in 8 s into the home: no Content-Length, no limit
+    settings = make_settings(tmp_path / "home", max_download_size=256 * KB)
+    endless = b"GGUF" + bytes(32 * MB)
+    served = files.add("/endless.gguf", endless, send_length=False)
+    url = files.url("/endless.gguf")
+
+    async with start_zenow(nursery, settings) as zenow:
+        await post(zenow.client, url=url)
+        failed = await finished(zenow.client, url)
+    assert (failed["status"], failed["downloaded"], failed["total"]) == ("failed", 0, None)
+    assert failed["error"] == ("too large: the server sent more than 256 KiB without announcing a size;"
+                               " the limit is 256 KiB (max_download_size)")
+    assert files_under(settings) == []  # the .part is deleted: it can never complete under the limit
+    assert served.sent < 16 * MB  # stopped reading, not drained (at most the socket buffers were sent)
+
+
+async def test_an_announced_size_over_max_download_size_is_refused_at_once(nursery, files, tmp_path):
+    settings = make_settings(tmp_path / "home", max_download_size=256 * KB)
+    data = gguf(1 * MB)
+    files.add("/big.gguf", data, holds=[0])  # nothing of the body would ever come
+    resumed = files.add("/big-part.gguf", data, holds=[0])
+    settings.mode_dir("rerank").mkdir(parents=True)
+    (settings.mode_dir("rerank") / "big-part.gguf.part").write_bytes(data[:100 * KB])
+    url, part_url = files.url("/big.gguf"), files.url("/big-part.gguf")
+
+    async with start_zenow(nursery, settings) as zenow:
+        await post(zenow.client, url=url)
+        await post(zenow.client, url=part_url, mode="rerank")
+        for each in (url, part_url):
+            failed = await finished(zenow.client, each)
+            assert (failed["status"], failed["downloaded"]) == ("failed", 0)
+            assert failed["error"] == ("too large: the server announces 1 MiB, over the limit of 256 KiB"
+                                       " (max_download_size)")
+    assert resumed.requests[0].status == 206  # the total came from Content-Range
+    assert files_under(settings) == []
+
+
+async def test_a_download_that_would_eat_the_free_margin_is_refused_on_the_real_disk(nursery, files, tmp_path):
+    settings = make_settings(tmp_path / "home", download_free_margin=2**62)  # more than any disk has
+    files.add("/sized.gguf", gguf(300 * KB), holds=[0])
+    files.add("/unsized.gguf", gguf(300 * KB, seed=1), holds=[0], send_length=False)
+    sized, unsized = files.url("/sized.gguf"), files.url("/unsized.gguf")
+
+    async with start_zenow(nursery, settings) as zenow:
+        await post(zenow.client, url=sized)
+        await post(zenow.client, url=unsized)
+        refused = await finished(zenow.client, sized)
+        assert refused["error"].startswith("not enough disk space: the download needs 300 KiB more, ")
+        assert refused["error"].endswith(f" are free in {settings.mode_dir('llm')}, and 4 EiB must stay free"
+                                         " (download_free_margin)")
+        refused = await finished(zenow.client, unsized)
+        assert refused["error"].startswith("not enough disk space: ")
+        assert refused["error"].endswith("after 0 bytes of a file whose size the server did not announce,"
+                                         " and 4 EiB must stay free (download_free_margin)")
+    assert files_under(settings) == []
+
+
+# ---------------------------------------------------------------- discarding a partial download
+
+
+async def test_discard_cancels_deletes_the_part_and_forgets_the_download(client, files, settings):
+    data = gguf(700 * KB)
+    served = files.add("/discard.gguf", data, holds=[128 * KB])
+    url = files.url("/discard.gguf")
+
+    await post(client, url=url)
+    await reaches(client, url, 128 * KB)
+    response = await delete(client, url, discard="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body == {
+        "success": True, "discarded": True,
+        "message": "Download cancelled and discarded: its partial file was deleted and its record removed",
+        "download": {"url": url, "filename": "discard.gguf", "status": "failed", "downloaded": 128 * KB,
+                     "total": len(data), "progress": round(128 * KB * 100 / len(data), 2), "error": CANCELLED},
+    }
+    assert files_under(settings) == []
+    assert stored_download(settings, url) is None  # gone from the store: a restart does not bring it back
+    assert (await client.get("/api/models/download/status", params={"url": url})).status_code == 404
+    assert (await client.get("/api/models/download/status")).json()["downloads"] == []
+
+    served.release.set()
+    await post(client, url=url)
+    assert (await finished(client, url))["status"] == "completed"
+    assert served.ranges_asked == [None, None]  # started over: nothing was left to resume
+
+
+async def test_discard_of_a_stopped_download_deletes_its_part_and_keeps_a_completed_file(client, files, settings):
+    files.add("/stopped.gguf", gguf(400 * KB), holds=[64 * KB])
+    files.add("/done.gguf", gguf(100 * KB, seed=1))
+    stopped, done = files.url("/stopped.gguf"), files.url("/done.gguf")
+    await post(client, url=stopped)
+    await reaches(client, stopped, 64 * KB)
+    await delete(client, stopped)  # cancel only: the .part stays for a resume, as before
+    assert files_under(settings) == ["llm/stopped.gguf.part"]
+    await post(client, url=done)
+    await finished(client, done)
+
+    assert (await delete(client, stopped, discard="maybe")).status_code == 400
+    body = (await delete(client, stopped, discard="true")).json()
+    assert body["message"] == "Download discarded: its partial file was deleted and its record removed"
+    assert files_under(settings) == ["llm/done.gguf"]
+
+    body = (await delete(client, done, discard="true")).json()
+    assert body["message"] == "Download record removed; the downloaded model file is kept"
+    assert files_under(settings) == ["llm/done.gguf"]
+    assert [m[0] for m in models_in(settings)] == ["done"]
+    assert (await delete(client, done, discard="true")).status_code == 404
+
+
+# ---------------------------------------------------------------- credentials in a URL
+
+
+async def test_credentials_in_a_url_are_sent_as_basic_auth_and_never_shown(client, files, settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    data = gguf(200 * KB)
+    served = files.add("/private.gguf", data)
+    url = f"http://alice:s3cret@127.0.0.1:{files.port}/private.gguf"
+    shown = f"http://***@127.0.0.1:{files.port}/private.gguf"
+    missing = f"http://alice:s3cret@127.0.0.1:{files.port}/missing.gguf"
+
+    started = await post(client, url=url)
+    assert started.json() == {"success": True, "url": shown, "mode": "llm", "message": "Download started"}
+    assert (await finished(client, url))["status"] == "completed"
+    await post(client, url=missing)
+    failed = await finished(client, missing)
+    assert failed["error"] == f"HTTP 404 Not Found from http://127.0.0.1:{files.port}/missing.gguf"
+
+    assert (await status(client, url))["url"] == shown  # looked up by the URL the client sent...
+    assert (await status(client, shown))["url"] == shown  # ...or by the one it was shown
+    listing = await client.get("/api/models/download/status")
+    assert [d["url"] for d in listing.json()["downloads"]] == [shown, shown.replace("private", "missing")]
+    refused = await post(client, url="ftp://bob:hunter2@example.com/x.gguf")
+    assert refused.status_code == 400 and "hunter2" not in refused.text
+    refused = await post(client, url="https://bob:hun/ter2@example.com/x.gguf")
+    assert refused.status_code == 400 and "hun" not in refused.text
+    assert "s3cret" not in started.text + failed["error"] + listing.text
+
+    request = served.requests[0]
+    assert request.target == "/private.gguf"  # not in the request line...
+    assert request.authorization == "Basic " + base64.b64encode(b"alice:s3cret").decode()  # ...but as Basic auth
+    assert models_in(settings)[0][3] == shown  # the model registry keeps no password either
+    leaks = [r.getMessage() for r in caplog.records
+             if "s3cret" in r.getMessage() and "/api/models/download" not in r.getMessage()]  # the test's own requests
+    assert leaks == []
+
+
+# ---------------------------------------------------------------- redirects
+
+
+async def test_a_redirect_is_followed_with_the_range_and_one_to_another_scheme_is_refused(client, files, settings):
+    data = gguf(300 * KB)
+    real = files.add("/real.gguf", data, drops=[100 * KB])
+    files.add("/moved.gguf", b"", location=files.url("/real.gguf"))
+    files.add("/to-ftp.gguf", b"", location="ftp://127.0.0.1/x.gguf")
+    files.add("/to-file.gguf", b"", location="file:///etc/passwd", status=301)
+    moved, to_ftp, to_file = files.url("/moved.gguf"), files.url("/to-ftp.gguf"), files.url("/to-file.gguf")
+
+    for url in (moved, to_ftp, to_file):
+        await post(client, url=url)
+    assert (await finished(client, moved))["status"] == "completed"
+    assert real.ranges_asked == [None, f"bytes={100 * KB}-"]  # resumed through the redirect
+    assert (settings.mode_dir("llm") / "moved.gguf").read_bytes() == data
+    for url, scheme in ((to_ftp, "ftp"), (to_file, "file")):
+        failed = await finished(client, url)
+        assert failed["error"] == (f"redirect refused: {url} redirected to a URL with scheme '{scheme}';"
+                                   " only http and https URLs are followed")
+    assert files_under(settings) == ["llm/moved.gguf"]
+
+
 # ---------------------------------------------------------------- the handle other actors use
 
 FAST = DownloadPolicy(backoff_initial=0.01, backoff_max=0.04, attempts_without_progress=3)
 
 
+async def download_actor(nursery: trio.Nursery, settings, policy: DownloadPolicy = FAST) -> Downloads:
+    """The download actor alone, over a real store."""
+    supervisor = Supervisor(nursery)
+    store = Store(await supervisor.start("store", partial(StoreActor, settings.database_path), critical=True))
+    return Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store, policy)))
+
+
 @pytest.fixture
 async def downloads(nursery: trio.Nursery, settings) -> Downloads:
     """The download actor alone, over a real store, with short retries."""
-    supervisor = Supervisor(nursery)
-    store = Store(await supervisor.start("store", partial(StoreActor, settings.database_path), critical=True))
-    return Downloads(await supervisor.start("download actor", partial(DownloadActor, settings, store, FAST)))
+    return await download_actor(nursery, settings)
 
 
 async def reached(downloads: Downloads, url: str, size: int) -> None:
@@ -515,7 +769,7 @@ async def test_fetch_waits_for_the_file_and_raises_when_it_fails(downloads, file
 
     with pytest.raises(DownloadFailed, match="HTTP 404"):
         await downloads.fetch(files.url("/absent.gguf"), None, "llm")
-    with pytest.raises(InvalidRequest, match="^url:"):
+    with pytest.raises(InvalidRequest, match=r"^url:"):
         await downloads.fetch("file:///etc/passwd", "x.gguf", "llm")
 
 
@@ -559,3 +813,104 @@ async def test_a_fetch_of_a_cancelled_download_fails_with_cancelled(downloads, f
     assert (record.status, record.error, record.downloaded) == ("failed", CANCELLED, 32 * KB)
     assert len(outcome) == 1 and str(outcome[0]).endswith(f"failed: {CANCELLED}")
     assert (settings.mode_dir("llm") / "stopped.gguf.part").stat().st_size == 32 * KB
+
+
+class NearlyFullDisk:
+    """A file system of `capacity` bytes that holds the models folder and nothing else."""
+
+    def __init__(self, models: Path, capacity: int) -> None:
+        self.models = models
+        self.capacity = capacity
+        self.asked: list[Path] = []
+
+    def __call__(self, directory: Path) -> int:
+        self.asked.append(directory)
+        return self.capacity - sum(p.stat().st_size for p in self.models.rglob("*") if p.is_file())
+
+
+async def test_a_download_of_unknown_size_stops_before_the_disk_fills_and_keeps_its_part(nursery, files, tmp_path):
+    settings = make_settings(tmp_path / "home", download_free_margin=1 * MB)
+    disk = NearlyFullDisk(settings.models_dir, capacity=3 * MB)
+    downloads = await download_actor(nursery, settings, DownloadPolicy(
+        backoff_initial=0.01, attempts_without_progress=3, flush_bytes=64 * KB, free_space=disk))
+    data = gguf(4 * MB)
+    served = files.add("/unsized.gguf", data, send_length=False)
+    url = files.url("/unsized.gguf")
+    part = settings.mode_dir("llm") / "unsized.gguf.part"
+
+    with pytest.raises(DownloadFailed) as failed:
+        await downloads.fetch(url, None, "llm")
+    assert "not enough disk space: " in str(failed.value)
+    assert str(failed.value).endswith("of a file whose size the server did not announce,"
+                                      " and 1 MiB must stay free (download_free_margin)")
+    kept = part.stat().st_size
+    assert 3 * MB - kept >= 1 * MB and kept > 1.5 * MB  # written up to the margin, not past it
+    assert set(disk.asked) == {settings.mode_dir("llm")}
+    assert len(disk.asked) <= kept // (64 * KB) + 2  # looked at when writing, not for every chunk
+
+    disk.capacity = 8 * MB  # space was freed: the kept .part is resumed
+    assert (await downloads.fetch(url, None, "llm")).status == "completed"
+    assert served.ranges_asked == [None, f"bytes={kept}-"]
+    assert (settings.mode_dir("llm") / "unsized.gguf").read_bytes() == data
+
+
+async def test_a_download_of_known_size_that_would_fill_the_disk_never_starts(nursery, files, tmp_path):
+    settings = make_settings(tmp_path / "home", download_free_margin=1 * MB)
+    disk = NearlyFullDisk(settings.models_dir, capacity=3 * MB)
+    downloads = await download_actor(nursery, settings, DownloadPolicy(free_space=disk))
+    files.add("/sized.gguf", gguf(2 * MB + 512 * KB))
+    url = files.url("/sized.gguf")
+
+    with pytest.raises(DownloadFailed, match=r"not enough disk space: the download needs 2\.5 MiB more, 3 MiB"):
+        await downloads.fetch(url, None, "rerank")
+    assert (await downloads.status(url)).downloaded == 0
+    assert files_under(settings) == []
+
+
+async def test_an_answer_that_breaks_http_is_named_never_quoted(downloads, files):
+    files.add("/garbage.gguf", b"", raw_answer=b"SECRET-STATUS-LINE\r\n\r\n")
+    files.add("/reason.gguf", b"", raw_answer=b"HTTP/1.1 404 SECRET-REASON\r\nContent-Length: 0\r\n\r\n")
+
+    with pytest.raises(DownloadFailed) as failed:
+        await downloads.fetch(files.url("/garbage.gguf"), None, "llm")
+    assert str(failed.value).endswith("failed: RemoteProtocolError: illegal status line (gave up after 3 attempts)")
+    with pytest.raises(DownloadFailed) as failed:
+        await downloads.fetch(files.url("/reason.gguf"), None, "llm")
+    assert str(failed.value).endswith(f"failed: HTTP 404 Not Found from {files.url('/reason.gguf')}")
+
+
+async def test_a_redirect_loop_ends_after_max_redirects(downloads, files):
+    served = files.add("/loop.gguf", b"", location=files.url("/loop.gguf"))
+    with pytest.raises(DownloadFailed, match=r"failed: too many redirects \(more than 10\)$"):
+        await downloads.fetch(files.url("/loop.gguf"), None, "llm")
+    assert len(served.requests) == 11
+
+
+def test_a_redirect_from_https_down_to_http_is_refused():
+    from zenow.downloads._actor import _check_redirect, _Failure
+
+    _check_redirect(httpx.URL("http://a.example/x.gguf"), httpx.URL("https://b.example/x.gguf"))
+    with pytest.raises(_Failure, match="redirected from https down to plain http"):
+        _check_redirect(httpx.URL("https://a.example/x.gguf"), httpx.URL("http://a.example/x.gguf"))
+
+
+async def test_start_compares_an_existing_file_by_its_sha256(downloads, files, settings):
+    data = gguf(200 * KB)
+    files.add("/kept.gguf", data)
+    settings.mode_dir("llm").mkdir(parents=True)
+    (settings.mode_dir("llm") / "kept.gguf").write_bytes(data)
+    url = files.url("/kept.gguf")
+
+    with pytest.raises(FileAlreadyExists):
+        await downloads.start(url, None, "llm", sha256=hashlib.sha256(b"other").hexdigest())
+    digest = hashlib.sha256(data).hexdigest()
+    record = await downloads.start(url, None, "llm", sha256=digest)
+    assert (record.status, record.downloaded, record.sha256) == ("completed", len(data), digest)
+
+
+def test_a_length_or_range_in_other_digits_is_no_length():
+    from zenow.downloads._headers import content_length, parse_content_range
+
+    assert content_length({"content-length": "²"}) is None  # "²".isdigit(), and int() refused it
+    assert content_length({"content-length": " 42 "}) == 42
+    assert parse_content_range("bytes \u0661-\u0662/\u0663") is None  # Arabic-Indic 1-2/3

@@ -17,29 +17,74 @@ Restart policy: a record still `downloading` when zenow stops (or crashes) is sh
 being the size of the `.part` on disk; downloading the same URL again resumes from it.
 Nothing restarts on its own: a download costs the user's bandwidth, so only a request
 starts one.
+
+Limits (a hostile or careless server must not fill the disk):
+
+* `settings.max_download_size`: a file announced larger (by `Content-Length`, or the
+  total of a `Content-Range`) is refused at once; a body of unknown size is cut off as
+  soon as more than that has arrived.  Either way the download ends `failed` with an
+  error starting `too large:` and its `.part` is **deleted**: the file cannot be
+  completed under the limit, so its bytes are of no use.
+* `settings.download_free_margin`: a download of known size starts only when the
+  bytes still to come leave at least the margin free on the file system of the
+  models folder (`statvfs`, in a worker thread); a download of unknown size checks
+  the free space again before each write of its buffer (about every MiB).  Either
+  way it ends `failed` with an error starting `not enough disk space:` and its
+  `.part` is **kept**: once space is freed, asking for the URL again resumes it.
+  `DELETE /api/models/download?url=...&discard=true` removes it instead.
+
+A file already at the target name is used, not fetched, only when it is known to be
+the one asked for: this URL's earlier download completed it (the record says so and
+its size still matches), or its SHA-256 is the one the request gives (hashed outside
+the actor, by the caller).  Otherwise the request is refused with `FileAlreadyExists`
+(409) and the file is left alone.
+
+Credentials: a URL may carry `user:password@`.  The request line never does (they
+travel as HTTP Basic auth, which is dropped on a redirect to another origin); every
+text shown or logged carries the URL as `https://***@host/...`.  The record keeps
+the URL as given (it is the download's key, and a resume after a restart needs the
+credentials), so the store holds them; the routes show records redacted.
+
+Redirects are followed by hand, at most `max_redirects` of them, without reading
+their bodies: only to http or https, and never from https down to http.
 """
 
 from __future__ import annotations
 
 import errno
+import http
 import logging
+import re
+import sqlite3
 import ssl
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import trio
 
 from .. import __version__
 from ..actor import Actor, ActorRef
-from ..errors import DownloadFailed, DownloadNotFound, InvalidModelFile, InvalidRequest, ZenowError
-from ..settings import Settings
+from ..errors import DownloadFailed, DownloadNotFound, InvalidRequest, ZenowError
+from ..settings import Settings, is_mode
 from ..store import DownloadRecord, Store
 from . import _files as files
 from ._headers import content_length, parse_content_range
-from ._target import DownloadTarget
+from ._redact import redact_text, redact_url
+from ._target import DownloadTarget, path_in_folder
 
-__all__ = ["CANCELLED", "INTERRUPTED", "DownloadActor", "DownloadPolicy", "Downloads"]
+__all__ = [
+    "CANCELLED",
+    "INTERRUPTED",
+    "DiscardedDownload",
+    "DownloadActor",
+    "DownloadPolicy",
+    "Downloads",
+    "FileAlreadyExists",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +95,23 @@ INTERRUPTED = "interrupted: zenow stopped"
 
 #: Seconds a final record may take to reach the store when the transfer ends.
 _STORE_WRITE_TIMEOUT = 5.0
+
+_Status = Literal["downloading", "completed", "failed"]
+
+
+class FileAlreadyExists(InvalidRequest):
+    """409: the file a download would create exists and is not known to be the one asked for.
+
+    Nothing was fetched and the file was not touched.
+    """
+
+    status_code = 409
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"filename: {path} already exists and {why}; pick another filename or delete that file",
+            param="filename", code="file_exists",
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +131,22 @@ class DownloadPolicy:
     connect_timeout: float = 20.0
     #: A connection that delivers nothing for this long counts as dropped.
     read_timeout: float = 60.0
+    #: Redirects one request follows before the download fails.
+    max_redirects: int = 10
+    #: Bytes free on the file system holding a folder (blocking; run in a worker thread).
+    #: Raises `OSError`.  Tests put a nearly full disk here.
+    free_space: Callable[[Path], int] = field(default=files.free_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardedDownload:
+    """What `Downloads.discard` did: the download's last record, now forgotten."""
+
+    record: DownloadRecord
+    #: The download was running and discarding it cancelled it.
+    cancelled: bool
+    #: A `.part` of it was on disk and is deleted (a completed model file is never deleted).
+    part_deleted: bool
 
 
 class _Failure(Exception):
@@ -113,12 +191,26 @@ class _Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Begun:
-    """The answer to `begin`: the record now, and the outcome to wait for while it runs."""
+    """An answer to `begin`: the record now, and the outcome to wait for while it runs (None: it does not)."""
 
     record: DownloadRecord
     outcome: _Outcome | None
-    #: A cancelled transfer of the URL is still putting its files away: wait for it, then ask again.
-    settling: _Outcome | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Settling:
+    """An answer to `begin` or `discard`: a cancelled transfer of the URL is still putting its
+    files away; wait for it, then ask again."""
+
+    outcome: _Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _CompareDigest:
+    """An answer to `begin`: a file holds the name and only its SHA-256 can tell whether it is
+    the one asked for.  The caller hashes it outside the actor and asks again with the digest."""
+
+    existing: files.ExistingFile
 
 
 @dataclass(eq=False)
@@ -126,7 +218,7 @@ class _Download:
     """One URL's download as the actor tracks it; only the actor and its tasks touch it."""
 
     target: DownloadTarget
-    status: str
+    status: _Status
     downloaded: int
     total: int | None
     error: str | None
@@ -136,7 +228,10 @@ class _Download:
     cancel_requested: bool = False
 
     @classmethod
-    def of(cls, record: DownloadRecord) -> _Download:
+    def of(cls, record: DownloadRecord) -> _Download | None:
+        """The download a stored record describes; None for a record no download can come from."""
+        if not is_mode(record.mode):
+            return None
         target = DownloadTarget(record.url, record.filename, record.mode, record.sha256)
         return cls(target, record.status, record.downloaded, record.total, record.error)
 
@@ -144,12 +239,21 @@ class _Download:
     def running(self) -> bool:
         return self.outcome is not None
 
+    def same_file(self, target: DownloadTarget) -> bool:
+        return (self.target.mode, self.target.filename) == (target.mode, target.filename)
+
     def record(self) -> DownloadRecord:
         t = self.target
         return DownloadRecord(
-            url=t.url, filename=t.filename, mode=t.mode, status=self.status,  # type: ignore[arg-type]
+            url=t.url, filename=t.filename, mode=t.mode, status=self.status,
             downloaded=self.downloaded, total=self.total, error=self.error, sha256=t.sha256,
         )
+
+
+def _delete_download_row(conn: sqlite3.Connection, url: str) -> None:
+    # The Store handle has no query to forget a download yet; this one statement is its
+    # whole job (the connection autocommits), run by the store actor like its own queries.
+    conn.execute("DELETE FROM downloads WHERE url = ?", (url,))
 
 
 class DownloadActor(Actor):
@@ -169,13 +273,17 @@ class DownloadActor(Actor):
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=p.connect_timeout, read=p.read_timeout, write=p.read_timeout,
                                   pool=p.connect_timeout),
-            follow_redirects=True,
+            follow_redirects=False,  # followed by hand in `_open`: schemes checked, bodies unread
             trust_env=False,
             # byte offsets must be the file's, so no compression on the wire
             headers={"Accept-Encoding": "identity", "User-Agent": f"zenow/{__version__}"},
         )
         for record in await self._store.list_downloads():
             download = _Download.of(record)
+            if download is None:
+                log.warning("ignoring the stored download of %s: unknown mode %r",
+                            redact_url(record.url), record.mode)
+                continue
             if record.status == "downloading":
                 download.status, download.error = "failed", INTERRUPTED
                 download.downloaded = await trio.to_thread.run_sync(files.file_size, self._part_path(download.target))
@@ -188,21 +296,30 @@ class DownloadActor(Actor):
 
     # ------------------------------------------------------------ operations
 
-    async def begin(self, target: DownloadTarget) -> _Begun:
-        """Start a download of `target`, join the one running for its URL, or answer `completed`."""
+    async def begin(
+        self, target: DownloadTarget, digest: tuple[files.ExistingFile, str] | None = None
+    ) -> _Begun | _Settling | _CompareDigest:
+        """Start a download of `target`, join the one running for its URL, or use the file already there.
+
+        `digest`: the SHA-256 the caller computed of a file this method asked it to hash
+        (`_CompareDigest`), with what the file looked like then.  Raises `InvalidRequest`
+        (another download writes the file; a running download of the URL to another
+        file), `FileAlreadyExists`, `DownloadFailed` (the folder cannot be read).
+        """
         current = self._downloads.get(target.url)
         if current is not None and current.running:
             assert current.outcome is not None
             if current.cancel_requested:
-                return _Begun(current.record(), None, settling=current.outcome)
+                return _Settling(current.outcome)
             _check_joinable(current.target, target)
             if target.sha256 and not current.target.sha256:
                 current.target = replace(current.target, sha256=target.sha256)
             return _Begun(current.record(), current.outcome)
         for other in self._downloads.values():
-            if other.running and (other.target.mode, other.target.filename) == (target.mode, target.filename):
+            if other.running and other.same_file(target):
                 raise InvalidRequest(
-                    f"filename: {target.mode}/{target.filename} is already being downloaded from {other.target.url}"
+                    f"filename: {target.mode}/{target.filename} is already being downloaded"
+                    f" from {other.target.shown_url}", param="filename",
                 )
 
         final = self._final_path(target)
@@ -211,26 +328,17 @@ class DownloadActor(Actor):
         except OSError as exc:
             raise DownloadFailed(f"Cannot check {final}: {exc.strerror or exc}") from exc
         if existing is not None:
-            size, is_gguf = existing
-            if not is_gguf:
-                raise InvalidModelFile(f"filename: {final} already exists and is not a GGUF file")
-            await self._store.register_model(target.mode, target.model_name, str(final), target.url, size)
-            download = _Download(target, "completed", size, size, None)
-            await self._store.save_download(download.record())
-            self._downloads[target.url] = download
-            return _Begun(download.record(), None)
+            return await self._use_existing(target, existing, digest)
 
         await self._claim_part(target)
         on_disk = await trio.to_thread.run_sync(files.file_size, self._part_path(target))
-        same_file = current is not None and (current.target.mode, current.target.filename) == (
-            target.mode, target.filename)
-        known_total = current.total if same_file and current is not None else None
+        known_total = current.total if current is not None and current.same_file(target) else None
         download = _Download(target, "downloading", on_disk, known_total, None)
         await self._store.save_download(download.record())
         download.outcome = _Outcome()
         download.scope = trio.CancelScope()
         self._downloads[target.url] = download
-        self.nursery.start_soon(self._transfer, download, name=f"download {target.url}")
+        self.nursery.start_soon(self._transfer, download, name=f"download {target.shown_url}")
         return _Begun(download.record(), download.outcome)
 
     async def status(self, url: str) -> DownloadRecord:
@@ -249,12 +357,78 @@ class DownloadActor(Actor):
         download.scope.cancel()
         return download.record(), download.outcome
 
+    async def discard(self, url: str) -> DiscardedDownload | _Settling:
+        """Forget the download of `url`: cancel it first when it runs, then delete its `.part` and its record.
+
+        A running download answers `_Settling` (wait, then ask again).  A completed
+        download's model file stays, and so does a `.part` another URL's download of the
+        same file is writing or owns.  Raises `DownloadNotFound`, `DownloadFailed` (the
+        `.part` cannot be deleted; then nothing is forgotten), `StoreError`.
+        """
+        download = self._find(url)
+        if download.running:
+            assert download.outcome is not None and download.scope is not None
+            download.cancel_requested = True
+            download.scope.cancel()
+            return _Settling(download.outcome)
+        target = download.target
+        sharing = [o for o in self._downloads.values() if o is not download and o.same_file(target)]
+        part_is_ours = download.status != "completed" and not any(o.running for o in sharing) and (
+            download.downloaded > 0 or not any(o.status == "failed" and o.downloaded for o in sharing))
+        last = download.record()
+        part_deleted = False
+        if part_is_ours:
+            part = self._part_path(target)
+            try:
+                part_deleted = await trio.to_thread.run_sync(files.remove_file, part)
+            except OSError as exc:
+                raise DownloadFailed(f"Cannot delete {part}: {exc.strerror or exc}") from exc
+            download.downloaded = 0  # true even when forgetting the record fails below
+            for other in sharing:
+                if other.downloaded and other.status == "failed":
+                    other.downloaded = 0  # they pointed at the same .part
+                    await self._checkpoint(other)
+        await self._store._run(_delete_download_row, target.url)
+        del self._downloads[target.url]
+        log.info("forgot the download of %s%s", target.shown_url, " and deleted its .part" if part_deleted else "")
+        return DiscardedDownload(last, cancelled=False, part_deleted=part_deleted)
+
+    async def _use_existing(
+        self, target: DownloadTarget, existing: files.ExistingFile, digest: tuple[files.ExistingFile, str] | None
+    ) -> _Begun | _CompareDigest:
+        """Use the file at the target's name when it is known to be the one asked for; else `FileAlreadyExists`."""
+        if not existing.is_gguf:
+            raise FileAlreadyExists(existing.path, "is not a GGUF file")
+        earlier = self._downloads.get(target.url)
+        completed_here = earlier is not None and earlier.status == "completed" and earlier.same_file(target)
+        ours = completed_here and earlier is not None and earlier.downloaded == existing.size
+        if ours and earlier is not None and target.sha256 in (None, earlier.target.sha256):
+            sha256 = earlier.target.sha256
+        elif target.sha256 is not None:
+            if digest is None or digest[0] != existing:
+                return _CompareDigest(existing)
+            if digest[1] != target.sha256:
+                raise FileAlreadyExists(existing.path,
+                                        f"its sha256 is {digest[1]}, not the {target.sha256} asked for")
+            sha256 = target.sha256
+        elif completed_here:
+            raise FileAlreadyExists(existing.path, "is not the file this URL downloaded (its size changed)")
+        else:
+            raise FileAlreadyExists(existing.path, "was not downloaded from this URL")
+        await self._store.register_model(target.mode, target.model_name, str(existing.path), target.shown_url,
+                                         existing.size)
+        download = _Download(replace(target, sha256=sha256), "completed", existing.size, existing.size, None)
+        await self._store.save_download(download.record())
+        self._downloads[target.url] = download
+        log.info("%s: using the file already at %s", target.shown_url, existing.path)
+        return _Begun(download.record(), None)
+
     async def _claim_part(self, target: DownloadTarget) -> None:
         """Discard a `.part` of the same file left by a download of another URL: its bytes are not ours."""
         for other in self._downloads.values():
             if (other.target.url != target.url and other.status == "failed" and other.downloaded
-                    and (other.target.mode, other.target.filename) == (target.mode, target.filename)):
-                log.info("%s replaces the partial download of %s", target.url, other.target.url)
+                    and other.same_file(target)):
+                log.info("%s replaces the partial download of %s", target.shown_url, other.target.shown_url)
                 try:
                     await trio.to_thread.run_sync(files.remove_file, self._part_path(target))
                 except OSError as exc:
@@ -263,13 +437,21 @@ class DownloadActor(Actor):
                 await self._store.save_download(other.record())
 
     def _find(self, url: str) -> _Download:
+        """The download of `url`, as the client sent it or as answers show it (credentials redacted).
+
+        Raises `DownloadNotFound`.
+        """
         download = self._downloads.get(url)
         if download is None:
-            raise DownloadNotFound(f"No download for url {url!r}")
+            shown_as = [d for d in self._downloads.values() if d.target.shown_url == url]
+            if len(shown_as) == 1:
+                download = shown_as[0]
+        if download is None:
+            raise DownloadNotFound(f"No download for url {redact_url(url)!r}")
         return download
 
     def _final_path(self, target: DownloadTarget) -> Path:
-        return self._settings.mode_dir(target.mode) / target.filename
+        return path_in_folder(self._settings.mode_dir(target.mode), target.filename)
 
     def _part_path(self, target: DownloadTarget) -> Path:
         return files.part_path_of(self._final_path(target))
@@ -280,6 +462,7 @@ class DownloadActor(Actor):
         """Run one download to its end and publish the final record; never raises but Cancelled."""
         outcome, scope = download.outcome, download.scope
         assert outcome is not None and scope is not None
+        shown = download.target.shown_url
         error: str | None = INTERRUPTED  # unless it ends any other way, zenow is stopping
         try:
             with scope:
@@ -294,15 +477,15 @@ class DownloadActor(Actor):
                     await trio.to_thread.run_sync(files.remove_file, self._part_path(download.target))
                     download.downloaded = 0  # nothing of it is kept
                 except OSError as exc:
-                    log.warning("download of %s: cannot remove its .part: %s", download.target.url, exc)
+                    log.warning("download of %s: cannot remove its .part: %s", shown, exc)
         except OSError as exc:
             error = f"file error: {exc}"
         except Exception as exc:  # a bug must fail this download, not every other one
-            log.exception("download of %s failed unexpectedly", download.target.url)
+            log.exception("download of %s failed unexpectedly", shown)
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             download.status = "completed" if error is None else "failed"
-            download.error = error
+            download.error = None if error is None else redact_text(error)
             download.outcome = download.scope = None
             record = download.record()
             expected = error in (None, CANCELLED, INTERRUPTED)
@@ -312,13 +495,13 @@ class DownloadActor(Actor):
                 except ZenowError as exc:
                     # at shutdown the store may stop first; the next start marks the record itself
                     log.log(logging.INFO if error == INTERRUPTED else logging.WARNING,
-                            "could not save the state of the download of %s: %s", record.url, exc)
+                            "could not save the state of the download of %s: %s", shown, exc)
             outcome.publish(record)
             if error is None:
-                log.info("downloaded %s to %s", record.url, self._final_path(download.target))
+                log.info("downloaded %s to %s", shown, self._final_path(download.target))
             else:
                 log.log(logging.INFO if expected else logging.WARNING,
-                        "download of %s ended: %s", record.url, error)
+                        "download of %s ended: %s", shown, download.error)
 
     async def _download(self, download: _Download) -> None:
         """Fetch until the `.part` is complete, check it, rename it into place and register the model.
@@ -341,7 +524,7 @@ class DownloadActor(Actor):
                     await trio.to_thread.run_sync(files.remove_file, part)
                 if barren >= policy.attempts_without_progress:
                     raise _Failure(f"{dropped.reason} (gave up after {barren} attempts)") from None
-                log.info("download of %s: %s; retrying in %.1f s", target.url, dropped.reason, backoff)
+                log.info("download of %s: %s; retrying in %.1f s", target.shown_url, dropped.reason, backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, policy.backoff_max)
 
@@ -351,7 +534,7 @@ class DownloadActor(Actor):
             await trio.to_thread.run_sync(files.promote, part, final)
             download.downloaded = download.total = size
             try:
-                await self._store.register_model(target.mode, target.model_name, str(final), target.url, size)
+                await self._store.register_model(target.mode, target.model_name, str(final), target.shown_url, size)
             except ZenowError as exc:
                 raise _Failure(f"downloaded, but registering the model failed: {exc}") from exc
 
@@ -375,33 +558,82 @@ class DownloadActor(Actor):
         Raises `_Dropped` when the attempt ended early (retry), `_Failure` when the
         download cannot succeed.
         """
-        assert self._client is not None
         offset = await trio.to_thread.run_sync(files.file_size, part)
         if offset and not await trio.to_thread.run_sync(files.has_gguf_magic, part):
             offset = 0  # a .part that is no GGUF prefix is not worth resuming
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         try:
-            async with self._client.stream("GET", download.target.url, headers=headers) as response:
+            async with self._open(download.target, headers) as response:
                 offset, total = _accepted_range(response, offset, download.total)
+                self._check_size(total)
                 download.downloaded, download.total = offset, total
                 if total is not None and offset == total:
                     return  # a 416 for a .part that was already complete
-                if total is not None:
-                    await self._check_free_space(part.parent, total - offset)
+                await self._check_room(part.parent, 0 if total is None else total - offset,
+                                       size_known=total is not None, received=offset)
                 await self._checkpoint(download)  # the size is known now: worth keeping
                 await self._receive(download, response, part, offset)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
 
-    async def _check_free_space(self, directory: Path, needed: int) -> None:
-        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
-        free = await trio.to_thread.run_sync(files.free_bytes, directory)
-        if free < needed:
-            raise _Failure(f"not enough disk space: {needed} bytes needed, {free} free in {directory}")
+    @asynccontextmanager
+    async def _open(self, target: DownloadTarget, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """The streamed response to a GET of the target, redirects followed; closed on exit.
+
+        The URL's credentials go as Basic auth on the first request (httpx keeps the
+        header only on redirects within the origin or up to https).  A redirect's body
+        is never read.  Raises `_Failure` for a redirect to a scheme other than http(s),
+        from https down to http, or past `max_redirects`; `httpx.HTTPError`.
+        """
+        assert self._client is not None
+        request = self._client.build_request("GET", target.request_url, headers=headers)
+        auth = target.auth
+        for _ in range(self._policy.max_redirects + 1):
+            response = await self._client.send(request, auth=auth, stream=True, follow_redirects=False)
+            following = response.next_request
+            if following is None:
+                try:
+                    yield response
+                finally:
+                    await response.aclose()
+                return
+            await response.aclose()
+            _check_redirect(request.url, following.url)
+            request, auth = following, None  # the Authorization header went along where it may
+        raise _Failure(f"too many redirects (more than {self._policy.max_redirects})")
+
+    def _check_size(self, total: int | None) -> None:
+        """Raise `_Failure` (the `.part` goes) when the announced size is over `max_download_size`."""
+        limit = self._settings.max_download_size
+        if total is not None and total > limit:
+            raise _Failure(f"too large: the server announces {_amount(total)}, over the limit of"
+                           f" {_amount(limit)} (max_download_size)", discard_part=True)
+
+    async def _check_room(self, directory: Path, needed: int, *, size_known: bool, received: int) -> None:
+        """Raise `_Failure` (the `.part` stays) unless writing `needed` more bytes leaves the margin free."""
+        try:
+            free = await trio.to_thread.run_sync(self._policy.free_space, directory)
+        except OSError as exc:
+            raise _Failure(f"cannot check the free disk space in {directory}: {exc.strerror or exc}") from exc
+        margin = self._settings.download_free_margin
+        if free - needed >= margin:
+            return
+        keep = f"and {_amount(margin)} must stay free (download_free_margin)"
+        if size_known:
+            raise _Failure(f"not enough disk space: the download needs {_amount(needed)} more,"
+                           f" {_amount(free)} are free in {directory}, {keep}")
+        raise _Failure(f"not enough disk space: {_amount(free)} free in {directory} after {_amount(received)}"
+                       f" of a file whose size the server did not announce, {keep}")
 
     async def _receive(self, download: _Download, response: httpx.Response, part: Path, offset: int) -> None:
-        """Write the body to the `.part` from `offset`; flush and fsync it when the body is complete."""
+        """Write the body to the `.part` from `offset`; flush and fsync it when the body is complete.
+
+        Raises `_Dropped` when the body ends early, `_Failure` when the body is not a
+        GGUF file, is longer than announced or than `max_download_size`, or the disk
+        has no room for it.
+        """
         policy, total = self._policy, download.total
+        limit = self._settings.max_download_size
         try:
             writer = await trio.to_thread.run_sync(files.PartFile, part, offset)
         except OSError as exc:
@@ -409,16 +641,20 @@ class DownloadActor(Actor):
         buffer = bytearray()
         received = 0
         magic_checked = offset > 0  # a resumed .part was checked before the request
+        failed = False
         last_flush = last_checkpoint = trio.current_time()
 
         async def flush() -> None:
-            if buffer:
-                data = bytes(buffer)
-                buffer.clear()
-                try:
-                    await trio.to_thread.run_sync(writer.write, data)
-                except OSError as exc:
-                    raise _write_failure(part, exc) from exc
+            if not buffer:
+                return
+            if total is None:  # nobody said how much is coming: look at the disk as it fills
+                await self._check_room(part.parent, len(buffer), size_known=False, received=download.downloaded)
+            data = bytes(buffer)
+            buffer.clear()
+            try:
+                await trio.to_thread.run_sync(writer.write, data)
+            except OSError as exc:
+                raise _write_failure(part, exc) from exc
 
         try:
             try:
@@ -428,15 +664,19 @@ class DownloadActor(Actor):
                     download.downloaded += len(chunk)
                     if not magic_checked and len(buffer) >= len(files.GGUF_MAGIC):
                         if not buffer.startswith(files.GGUF_MAGIC):
-                            raise _Failure(
-                                f"not a GGUF file (it starts with {bytes(buffer[:16])!r})", discard_part=True
-                            )
+                            raise _Failure(f"the server's response is not a GGUF file ({_described(response)})",
+                                           discard_part=True)
                         magic_checked = True
                     if total is not None and download.downloaded > total:
                         raise _Failure(f"the server sent more than the {total} bytes it announced",
                                        discard_part=True)
+                    if total is None and download.downloaded > limit:
+                        raise _Failure(f"too large: the server sent more than {_amount(limit)} without"
+                                       f" announcing a size; the limit is {_amount(limit)} (max_download_size)",
+                                       discard_part=True)
                     now = trio.current_time()
-                    if magic_checked and (len(buffer) >= policy.flush_bytes or now - last_flush >= policy.flush_interval):
+                    if magic_checked and (len(buffer) >= policy.flush_bytes
+                                          or now - last_flush >= policy.flush_interval):
                         await flush()
                         last_flush = now
                     if now - last_checkpoint >= policy.checkpoint_interval:
@@ -455,33 +695,54 @@ class DownloadActor(Actor):
                 await trio.to_thread.run_sync(writer.sync)
             except OSError as exc:
                 raise _write_failure(part, exc) from exc
+        except _Failure:
+            failed = True  # what is still buffered is not worth the disk: no GGUF, too much, no room
+            raise
         finally:
-            # whatever arrived is kept for a resume, even when the transfer is being cancelled
             with trio.CancelScope(shield=True):
-                try:
-                    await flush()
-                except _Failure as failure:
-                    log.warning("download of %s: %s", download.target.url, failure.reason)
+                if not failed:
+                    # whatever arrived is kept for a resume, even when the transfer is being cancelled
+                    try:
+                        await flush()
+                    except _Failure as failure:
+                        log.warning("download of %s: %s", download.target.shown_url, failure.reason)
                 try:
                     await trio.to_thread.run_sync(writer.close)
                 except OSError as exc:
-                    log.warning("download of %s: closing %s: %s", download.target.url, part, exc)
+                    log.warning("download of %s: closing %s: %s", download.target.shown_url, part, exc)
 
     async def _checkpoint(self, download: _Download) -> None:
         try:
             await self._store.save_download(download.record())
         except ZenowError as exc:
-            log.warning("could not checkpoint the download of %s: %s", download.target.url, exc)
+            log.warning("could not checkpoint the download of %s: %s", download.target.shown_url, exc)
 
 
 def _check_joinable(running: DownloadTarget, asked: DownloadTarget) -> None:
     """Raise `InvalidRequest` when a request for a running URL asks for a different file."""
     if asked.mode != running.mode:
-        raise InvalidRequest(f"mode: {running.url} is already downloading for mode {running.mode!r}")
+        raise InvalidRequest(f"mode: {running.shown_url} is already downloading for mode {running.mode!r}",
+                             param="mode")
     if asked.filename != running.filename:
-        raise InvalidRequest(f"filename: {running.url} is already downloading as {running.filename!r}")
+        raise InvalidRequest(f"filename: {running.shown_url} is already downloading as {running.filename!r}",
+                             param="filename")
     if asked.sha256 and running.sha256 and asked.sha256 != running.sha256:
-        raise InvalidRequest(f"sha256: {running.url} is already downloading with a different sha256")
+        raise InvalidRequest(f"sha256: {running.shown_url} is already downloading with a different sha256",
+                             param="sha256")
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]{0,19}")
+
+
+def _check_redirect(origin: httpx.URL, target: httpx.URL) -> None:
+    """Raise `_Failure` for a redirect zenow does not follow: to a scheme other than http(s), or https -> http."""
+    scheme = target.scheme
+    if scheme not in ("http", "https"):
+        shown = repr(scheme) if _SCHEME.fullmatch(scheme) else "that is not http"
+        raise _Failure(f"redirect refused: {redact_url(str(origin))} redirected to a URL with scheme {shown};"
+                       " only http and https URLs are followed")
+    if origin.scheme == "https" and scheme == "http":
+        raise _Failure(f"redirect refused: {redact_url(str(origin))} redirected from https down to plain http")
 
 
 def _accepted_range(response: httpx.Response, offset: int, known_total: int | None) -> tuple[int, int | None]:
@@ -501,27 +762,58 @@ def _accepted_range(response: httpx.Response, offset: int, known_total: int | No
         return offset, cr.complete
     if status == 200:
         if offset:
-            log.info("%s ignored the range request; starting over", response.url)
+            log.info("%s ignored the range request; starting over", redact_url(str(response.url)))
         return 0, content_length(response.headers)
     if status == 416 and offset:
         cr = parse_content_range(response.headers.get("content-range"))
         if cr is not None and cr.complete == offset:
             return offset, offset
         raise _Dropped("the server refused to resume", start_over=True)
-    reason = f"HTTP {status} {response.reason_phrase}".rstrip()
+    reason = _status_text(status)
     if status in (408, 425, 429) or status >= 500:
         raise _Dropped(reason)
-    raise _Failure(f"{reason} from {response.url}", discard_part=True)
+    raise _Failure(f"{reason} from {redact_url(str(response.url))}", discard_part=True)
+
+
+def _status_text(status: int) -> str:
+    """`HTTP 404 Not Found`: the standard phrase, never the one the server sent."""
+    try:
+        return f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+\-]{1,64}/[a-z0-9!#$&^_.+\-]{1,64}")
+
+
+def _described(response: httpx.Response) -> str:
+    """`HTTP 200, text/html`: the status and the media type of a response, never its content."""
+    raw = response.headers.get("content-type")
+    if raw is None:
+        media = "no Content-Type"
+    else:
+        media = raw.split(";", 1)[0].strip().lower()
+        if not _MEDIA_TYPE.fullmatch(media):
+            media = "an unreadable Content-Type"
+    return f"HTTP {response.status_code}, {media}"
 
 
 def _translate(exc: httpx.HTTPError) -> _Dropped | _Failure:
-    """An httpx error as a retry (a dropped or stalled connection) or a failure (TLS, redirects...)."""
+    """An httpx error as a retry (a dropped or stalled connection) or a failure (TLS...).
+
+    The text never quotes what the server sent: a protocol error is named by the
+    parser's complaint only (h11 appends the offending bytes after a colon).
+    """
     tls = _tls_cause(exc)
     if tls is not None:
         return _Failure(f"TLS error: {tls}")
-    if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)):
-        return _Dropped(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-    return _Failure(f"{type(exc).__name__}: {exc}")
+    name = type(exc).__name__
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError)):
+        complaint = str(exc).split(":", 1)[0].strip()[:200]
+        return _Dropped(f"{name}: {complaint}" if complaint else name)
+    if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError)):
+        return _Dropped(f"{name}: {exc}" if str(exc) else name)
+    return _Failure(f"{name}: {redact_text(str(exc))}" if str(exc) else name)
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -541,6 +833,18 @@ def _write_failure(part: Path, exc: OSError) -> _Failure:
     return _Failure(f"cannot write {part}: {exc.strerror or exc}")
 
 
+def _amount(size: int) -> str:
+    """A byte count for people: `512 bytes`, `256 KiB`, `1.5 GiB`."""
+    if size < 1024:
+        return f"{size} bytes"
+    value, unit = size / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
 class Downloads:
     """Typed access to the download actor.
 
@@ -553,12 +857,17 @@ class Downloads:
     async def start(self, url: str, filename: str | None, mode: str, sha256: str | None = None) -> DownloadRecord:
         """Start downloading `url` to `models/<mode>/<filename>`, or join its running download.
 
-        Returns at once with the current record: `downloading`, or `completed` when the
-        file is already there (nothing is fetched; the model is registered).  `filename`
-        None takes the URL path's last segment.  Raises `InvalidRequest` naming the bad
-        field (`url`, `filename`, `sha256`; also a running download of the URL to another
-        file), `InvalidMode`, or `InvalidModelFile` when a non-GGUF file holds the name;
-        nothing is written then.
+        Returns with the current record: `downloading`, or `completed` when a file is
+        already at that name and known to be the one asked for (this URL's earlier
+        download completed it, or its SHA-256 is `sha256`; that file is hashed first,
+        so the answer may take a while): nothing is fetched then, and the model is
+        registered.  `filename` None takes the URL path's last segment.
+
+        Raises `InvalidRequest` naming the bad field (`url`, `filename`, `sha256`; also a
+        running download of the URL to another file, or another URL's running download
+        to this file), `InvalidMode`, `FileAlreadyExists` (409) when another file holds
+        the name, `DownloadFailed` when the models folder cannot be read; nothing is
+        written then.  Cancelling the caller may leave the download started.
         """
         return (await self._begin(DownloadTarget.check(url, filename, mode, sha256))).record
 
@@ -568,14 +877,18 @@ class Downloads:
         Raises what `start` raises, and `DownloadFailed` with the reason when it ends in
         `failed`.  Cancelling the caller stops the waiting, not the download.
         """
-        begun = await self._begin(DownloadTarget.check(url, filename, mode, sha256))
+        target = DownloadTarget.check(url, filename, mode, sha256)
+        begun = await self._begin(target)
         record = begun.record if begun.outcome is None else await begun.outcome.wait()
         if record.status != "completed":
-            raise DownloadFailed(f"Download of {url} failed: {record.error}")
+            raise DownloadFailed(f"Download of {target.shown_url} failed: {record.error}")
         return record
 
     async def status(self, url: str) -> DownloadRecord:
-        """The record of `url` (of this run, or kept from an earlier one); raises `DownloadNotFound`."""
+        """The record of `url` (of this run, or kept from an earlier one); raises `DownloadNotFound`.
+
+        `url` may be the URL as given or as answers show it (credentials as `***`).
+        """
         return await self._ref.call(DownloadActor.status, url)
 
     async def all(self) -> list[DownloadRecord]:
@@ -592,9 +905,39 @@ class Downloads:
         record, outcome = await self._ref.call(DownloadActor.cancel, url)
         return record if outcome is None else await outcome.wait()
 
-    async def _begin(self, target: DownloadTarget) -> _Begun:
+    async def discard(self, url: str) -> DiscardedDownload:
+        """Cancel the download of `url` if it runs, delete its `.part` and forget its record.
+
+        A completed download's model file is kept (only its record goes); a `.part`
+        that another URL's download of the same file writes or owns is kept too.
+        Raises `DownloadNotFound`, `DownloadFailed` when the `.part` cannot be deleted,
+        `StoreError`.  Cancelling the caller after the download stopped leaves it
+        cancelled with its `.part` (as `cancel` does).
+        """
+        cancelled = False
         while True:
-            begun = await self._ref.call(DownloadActor.begin, target)
-            if begun.settling is None:
-                return begun
-            await begun.settling.wait()
+            answer = await self._ref.call(DownloadActor.discard, url)
+            if isinstance(answer, DiscardedDownload):
+                return replace(answer, cancelled=cancelled)
+            cancelled = True
+            await answer.outcome.wait()
+
+    async def _begin(self, target: DownloadTarget) -> _Begun:
+        digest: tuple[files.ExistingFile, str] | None = None
+        while True:
+            answer = await self._ref.call(DownloadActor.begin, target, digest)
+            if isinstance(answer, _Begun):
+                return answer
+            if isinstance(answer, _Settling):
+                await answer.outcome.wait()
+                digest = None
+                continue
+            # hashed here, in the caller's task: a big file would hold the actor for seconds
+            path = answer.existing.path
+            try:
+                digest = (answer.existing, await trio.to_thread.run_sync(files.sha256_of, path,
+                                                                          abandon_on_cancel=True))
+            except FileNotFoundError:
+                digest = None  # gone meanwhile: ask again, and it is downloaded
+            except OSError as exc:
+                raise DownloadFailed(f"Cannot read {path}: {exc.strerror or exc}") from exc

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
     "GGUF_MAGIC",
+    "ExistingFile",
     "PartFile",
     "existing_file",
     "file_size",
@@ -60,12 +61,22 @@ def sha256_of(path: Path) -> str:
 
 
 def free_bytes(directory: Path) -> int:
-    """Bytes free for an unprivileged user on the file system holding `directory`."""
-    return shutil.disk_usage(directory).free
+    """Bytes free for an unprivileged user on the file system holding `directory` (`statvfs`).
+
+    Creates `directory` first when it is missing.  Raises `OSError`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
 
 
-def remove_file(path: Path) -> None:
-    path.unlink(missing_ok=True)
+def remove_file(path: Path) -> bool:
+    """Delete the file at `path`; return whether there was one.  Raises `OSError` (not for a missing file)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def promote(part: Path, final: Path) -> None:
@@ -108,8 +119,25 @@ class PartFile:
         self._file.close()
 
 
-def existing_file(path: Path) -> tuple[int, bool] | None:
-    """(size, starts with the GGUF magic) of the file at `path`, or None when there is none."""
-    if not path.is_file():
+@dataclass(frozen=True, slots=True)
+class ExistingFile:
+    """A file found where a download would put its result."""
+
+    path: Path
+    size: int
+    #: Modification time: tells a file that changed since it was looked at from the same one.
+    mtime_ns: int
+    is_gguf: bool
+
+
+def existing_file(path: Path) -> ExistingFile | None:
+    """What is at `path`: None when nothing is; raises `OSError` when it cannot be read.
+
+    Anything there that is not a regular file (a folder, say) counts as a file that
+    is not GGUF: it holds the name all the same.
+    """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return None
-    return file_size(path), has_gguf_magic(path)
+    return ExistingFile(path, stat.st_size, stat.st_mtime_ns, path.is_file() and has_gguf_magic(path))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 __all__ = ["ContentRange", "content_length", "parse_content_range"]
 
-_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
-_UNSATISFIED = re.compile(r"^\s*bytes\s+\*\s*/\s*(\d+)\s*$", re.IGNORECASE)
+_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE | re.ASCII)
+_UNSATISFIED = re.compile(r"^\s*bytes\s+\*\s*/\s*(\d+)\s*$", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,6 @@ def content_length(headers: Mapping[str, str]) -> int | None:
     if encoding not in ("", "identity"):
         return None
     raw = headers.get("content-length")
-    if raw is None or not raw.strip().isdigit():
-        return None
+    if raw is None or not (raw.strip().isascii() and raw.strip().isdigit()):
+        return None  # "²".isdigit(), but int("²") fails
     return int(raw.strip())

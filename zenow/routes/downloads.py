@@ -1,4 +1,9 @@
-"""Spec sections 1.4, 1.5 and 1.8: model downloads, their progress, the default URLs; and cancel."""
+"""Spec sections 1.4, 1.5 and 1.8: model downloads, their progress, the default URLs; and cancel.
+
+Beyond the spec: `DELETE /api/models/download?url=...` cancels a running download
+(its `.part` stays for a resume), and with `&discard=true` also deletes the `.part`
+and forgets the record.  Every URL shown has its credentials replaced by `***`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from ..downloads import CANCELLED, Downloads, progress_percent
+from ..downloads import CANCELLED, DiscardedDownload, Downloads, progress_percent, redact_text, redact_url
 from ..store import DownloadRecord
 from ._context import services
 
@@ -29,18 +34,23 @@ class StatusQuery(BaseModel):
 
 class CancelQuery(BaseModel):
     url: str
+    #: Beyond the spec: also delete the `.part` and forget the record.
+    discard: bool = False
 
 
 def _downloads() -> Downloads:
-    return services().downloads  # type: ignore[no-any-return]
+    return services().downloads
 
 
 @bp.post("/api/models/download")
 @validate_request(StartDownload)
 async def start_download(data: StartDownload) -> dict[str, object]:
     record = await _downloads().start(data.url, data.filename, data.mode, data.sha256)
-    message = "Already downloaded" if record.status == "completed" else "Download started"
-    return {"success": True, "url": data.url, "mode": data.mode, "message": message}
+    if record.status == "completed":
+        message = f"Already downloaded: the existing file {record.mode}/{record.filename} is used; nothing was fetched"
+    else:
+        message = "Download started"
+    return {"success": True, "url": redact_url(data.url), "mode": data.mode, "message": message}
 
 
 @bp.get("/api/models/download/status")
@@ -54,6 +64,10 @@ async def download_status(query_args: StatusQuery) -> dict[str, object]:
 @bp.delete("/api/models/download")
 @validate_querystring(CancelQuery)
 async def cancel_download(query_args: CancelQuery) -> dict[str, object]:
+    if query_args.discard:
+        discarded = await _downloads().discard(query_args.url)
+        return {"success": True, "message": discard_message(discarded), "discarded": True,
+                "download": download_json(discarded.record)}
     record = await _downloads().cancel(query_args.url)
     message = "Download cancelled" if record.error == CANCELLED else f"Download is not running ({record.status})"
     return {"success": True, "message": message, "download": download_json(record)}
@@ -67,13 +81,23 @@ async def default_urls() -> dict[str, object]:
 
 
 def download_json(record: DownloadRecord) -> dict[str, object]:
-    """A download as the spec shows it (section 1.5)."""
+    """A download as the spec shows it (section 1.5), credentials in its URL replaced by `***`."""
     return {
-        "url": record.url,
+        "url": redact_url(record.url),
         "filename": record.filename,
         "status": record.status,
         "downloaded": record.downloaded,
         "total": record.total,
         "progress": progress_percent(record),
-        "error": record.error,
+        "error": None if record.error is None else redact_text(record.error),
     }
+
+
+def discard_message(discarded: DiscardedDownload) -> str:
+    """What a discard did, in words."""
+    if discarded.record.status == "completed":
+        return "Download record removed; the downloaded model file is kept"
+    done = "Download cancelled and discarded" if discarded.cancelled else "Download discarded"
+    if discarded.part_deleted:
+        return f"{done}: its partial file was deleted and its record removed"
+    return f"{done}: its record was removed (no partial file of it was on disk)"
