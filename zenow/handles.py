@@ -11,6 +11,7 @@ from .servers import ServerHandle
 from .settings import Mode, Settings
 from .store import Store
 from .tokens import TokenCounter
+from .v1 import OpenAIGateway
 
 __all__ = ["Services"]
 
@@ -25,5 +26,7 @@ class Services:
     servers: dict[Mode, ServerHandle]  # one per mode
     downloads: Downloads
     chat: ChatStreamer
+    #: `/v1`: OpenAI-compatible chat, embeddings, rerank and models.
+    openai: OpenAIGateway
     #: Which actors have given up (the health probe reports them).
     health: ActorHealth

@@ -27,6 +27,7 @@ from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server
 from .settings import MODES, Mode, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
+from .v1 import OpenAIGateway, UpstreamActor
 
 __all__ = ["Exposed", "HomeInUse", "PortInUse", "check_exposure", "serve"]
 
@@ -174,6 +175,7 @@ async def _run(
                 )
                 servers[mode] = ServerHandle(mode, ref, board, upstream)
             tokens = TokenCounter(servers["llm"].tokenize_count)
+            openai = OpenAIGateway(await supervisor.start("v1 upstream actor", UpstreamActor), store, servers)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(
@@ -181,7 +183,7 @@ async def _run(
                     )
                 )
                 services = Services(settings=settings, store=store, tokens=tokens, downloads=downloads,
-                                    servers=servers, chat=chat, health=health)
+                                    servers=servers, chat=chat, openai=openai, health=health)
                 await _serve_http(create_app(services), settings, listener, shutdown, task_status)
                 log.info("zenow stopping")
                 chat_tier.cancel_scope.cancel()

@@ -1,0 +1,24 @@
+"""OpenAI-compatible `/v1`: chat completions, embeddings, rerank and models, over the three
+server actors.
+
+`OpenAIGateway` is what routes call; `UpstreamActor` owns the HTTP client and every
+upstream request in flight; `_shapes` is the pure request and answer shaping.
+"""
+
+from ._actor import UpstreamActor as UpstreamActor
+from ._errors import ModelBusy as ModelBusy
+from ._errors import ModelLoadFailed as ModelLoadFailed
+from ._errors import ModelNotLoaded as ModelNotLoaded
+from ._gate import Lease as Lease
+from ._gate import ModelGate as ModelGate
+from ._gateway import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT
+from ._gateway import CompletionStream as CompletionStream
+from ._gateway import OpenAIGateway as OpenAIGateway
+from ._shapes import ChatCompletionRequest as ChatCompletionRequest
+from ._shapes import EmbeddingsRequest as EmbeddingsRequest
+from ._shapes import ModelEntry as ModelEntry
+from ._shapes import RerankRequest as RerankRequest
+from ._shapes import model_object as model_object
+from ._shapes import parse_chat_completion as parse_chat_completion
+from ._shapes import parse_embeddings as parse_embeddings
+from ._shapes import parse_rerank as parse_rerank

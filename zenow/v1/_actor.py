@@ -1,0 +1,174 @@
+"""The upstream actor: owns the HTTP client `/v1` reaches the llama-servers with, and every
+`/v1` request to them while it is in flight.
+
+Each request runs as a task in the actor's nursery under a cancel scope the caller
+holds, so a caller that goes away (a client disconnect, even one that happens before
+a streamed body is first iterated) stops the upstream request at once with a plain,
+synchronous `cancel()`.  The actor's loop only starts tasks: it never waits on
+llama-server, so requests of every mode run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import outcome
+import trio
+
+from ..actor import Actor
+from ..errors import ActorCrashed, UpstreamError, ZenowError
+from ._shapes import DONE, chat_chunk, error_event, sse, upstream_failure
+
+__all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds without a byte from llama-server before a request fails (a long prompt on a CPU).
+READ_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """One request to a llama-server whose answer is JSON.  `param` names the request field
+    to blame when llama-server finds the input too long."""
+
+    method: Literal["GET", "POST"]
+    url: str
+    payload: dict[str, Any] | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatStreamCall:
+    """A streamed chat completion; `model_name` replaces llama-server's in every chunk."""
+
+    url: str
+    payload: dict[str, Any]
+    model_name: str
+
+
+class UpstreamActor(Actor):
+    def __init__(self, read_timeout: float = READ_TIMEOUT) -> None:
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=8),
+        )
+
+    async def teardown(self) -> None:
+        await self._http.aclose()
+
+    async def start_call(self, call: UpstreamCall, reply: trio.MemorySendChannel[outcome.Outcome[Any]],
+                         scope: trio.CancelScope) -> None:
+        """Start `call`; its outcome (the decoded JSON, or the error) goes to `reply`.
+
+        Cancelling `scope` stops the request; then `reply` is closed with nothing sent.
+        """
+        self.nursery.start_soon(self._run_call, call, reply, scope)
+
+    async def start_stream(self, call: ChatStreamCall, frames: trio.MemorySendChannel[bytes],
+                           started: trio.MemorySendChannel[outcome.Outcome[None]], scope: trio.CancelScope,
+                           on_end: Callable[[], None]) -> None:
+        """Start streaming `call`: `started` gets `Value(None)` once llama-server accepted it
+        (or the error that refused it), then `frames` gets whole SSE events ending with
+        `DONE`, an error event coming first when llama-server fails mid-stream.
+
+        `on_end` runs when the upstream request has ended, however it ended.  Cancelling
+        `scope` closes the upstream request at once.
+        """
+        self.nursery.start_soon(self._run_stream, call, frames, started, scope, on_end)
+
+    async def _run_call(self, call: UpstreamCall, reply: trio.MemorySendChannel[outcome.Outcome[Any]],
+                        scope: trio.CancelScope) -> None:
+        with reply:
+            result: outcome.Outcome[Any] | None = None
+            with scope:
+                result = await outcome.acapture(_request_json, self._http, call)
+            if result is None:
+                return  # the caller went away
+            if isinstance(result, outcome.Error) and not isinstance(result.error, ZenowError):
+                log.error("upstream request %s %s failed", call.method, call.url, exc_info=result.error)
+                result = outcome.Error(ActorCrashed(f"Internal error calling llama-server: "
+                                                    f"{type(result.error).__name__}: {result.error}"))
+            try:
+                reply.send_nowait(result)
+            except (trio.BrokenResourceError, trio.WouldBlock):
+                pass
+
+    async def _run_stream(self, call: ChatStreamCall, frames: trio.MemorySendChannel[bytes],
+                          started: trio.MemorySendChannel[outcome.Outcome[None]], scope: trio.CancelScope,
+                          on_end: Callable[[], None]) -> None:
+        try:
+            with frames, started, scope:
+                await _stream_chat(self._http, call, frames, started)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer went away; the upstream request is closed by now
+        except Exception:
+            log.exception("streaming %s failed", call.url)
+        finally:
+            on_end()
+
+
+async def _request_json(http: httpx.AsyncClient, call: UpstreamCall) -> Any:
+    """Send `call` and decode its JSON answer.  Raises `UpstreamError` or what
+    `upstream_failure` makes of a refusal."""
+    try:
+        response = await http.request(call.method, call.url, json=call.payload)
+    except httpx.HTTPError as exc:
+        raise UpstreamError(_connection_failed(exc), code="upstream_error") from exc
+    if response.status_code != 200:
+        raise upstream_failure(response.status_code, response.text, call.param)
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise UpstreamError(f"llama-server sent malformed JSON: {exc}", code="upstream_error") from exc
+
+
+async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: trio.MemorySendChannel[bytes],
+                       started: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+    accepted = False
+
+    async def fail(message: str) -> None:
+        if accepted:
+            await frames.send(error_event(message))
+            await frames.send(DONE)
+        else:
+            started.send_nowait(outcome.Error(UpstreamError(message, code="upstream_error")))
+
+    try:
+        async with http.stream("POST", call.url, json=call.payload) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                started.send_nowait(outcome.Error(upstream_failure(response.status_code, body, "messages")))
+                return
+            started.send_nowait(outcome.Value(None))
+            accepted = True
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    await frames.send(DONE)
+                    return
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"a chunk that is not an object: {data[:200]}")
+                if "error" in chunk:
+                    error = chunk["error"]
+                    message = error.get("message", error) if isinstance(error, dict) else error
+                    await fail(f"llama-server failed: {message}")
+                    return
+                await frames.send(sse(chat_chunk(chunk, call.model_name)))
+        await fail("llama-server ended the stream without [DONE]")
+    except httpx.HTTPError as exc:
+        await fail(_connection_failed(exc))
+    except ValueError as exc:  # json.JSONDecodeError included
+        await fail(f"llama-server sent malformed data: {exc}")
+
+
+def _connection_failed(exc: httpx.HTTPError) -> str:
+    return f"llama-server connection failed: {type(exc).__name__}: {exc}".rstrip(": ")

@@ -1,0 +1,108 @@
+"""One mode's `/v1` traffic: leases on the running model, and switches that wait for them.
+
+A `/v1` request holds a `Lease` on the model that answers it from before it reads the
+endpoint until its upstream request has ended (a stream included).  A request naming
+another model switches: from then on new requests wait, the switch waits for the
+leases in flight to end (at most `switch_wait` seconds, else `ModelBusy`, 409), loads
+the model through the mode's server actor, and lets the waiting requests go on.  So
+one `/v1` request never cuts another by switching the model under it.
+
+(Requests of `/api` do not take leases; see the report of issue 9 for the mechanism
+that makes `/api/chat` and `/api/models/load` take part.)
+"""
+
+from __future__ import annotations
+
+import trio
+
+from ..errors import ServerStartFailed
+from ..servers import ServerHandle, ServerStatus
+from ._errors import ModelBusy, ModelLoadFailed, ModelNotLoaded
+
+__all__ = ["Lease", "ModelGate"]
+
+
+class Lease:
+    """A request's hold on the running model; `release()` is idempotent and never blocks."""
+
+    def __init__(self, gate: ModelGate) -> None:
+        self._gate: ModelGate | None = gate
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate._released()
+
+
+class ModelGate:
+    """The leases and the switch of one mode (see the module docstring)."""
+
+    def __init__(self, server: ServerHandle, switch_wait: float) -> None:
+        self._server = server
+        self._switch_wait = switch_wait
+        self._leases = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._switch_done: trio.Event | None = None
+
+    @property
+    def leases(self) -> int:
+        """Requests holding the running model now (a snapshot)."""
+        return self._leases
+
+    async def enter(self, wanted: str | None) -> tuple[ServerStatus, Lease]:
+        """A lease on `wanted` running (or on whatever runs, when None), and its status.
+
+        Loads `wanted` first when another model runs.  Raises `ModelNotLoaded` (nothing
+        runs and nothing was named), `ModelBusy` (the switch waited `switch_wait` seconds
+        for requests in flight), `ModelLoadFailed`, or what `ServerHandle.load` raises
+        (`ModelNotFound`, `InvalidModelFile`).  Cancelling it takes no lease; a load it
+        started goes on in the server actor.
+        """
+        while True:
+            if self._switch_done is not None:
+                await self._switch_done.wait()
+                continue
+            status = self._server.status()
+            if wanted is None:
+                if status.endpoint is None:
+                    raise ModelNotLoaded(
+                        f"No {self._server.mode} model is running ({status.status}): name one in `model`, "
+                        f"or load one with POST /api/models/load"
+                    )
+                return status, self._lease()
+            if status.endpoint is not None and status.model_name == wanted:
+                return status, self._lease()
+            return await self._switch(wanted, status)
+
+    async def _switch(self, wanted: str, current: ServerStatus) -> tuple[ServerStatus, Lease]:
+        done = self._switch_done = trio.Event()
+        try:
+            with trio.move_on_after(self._switch_wait) as waited:
+                await self._idle.wait()
+            if waited.cancelled_caught:
+                raise ModelBusy(
+                    f"The {self._server.mode} model {current.model_name!r} is still answering {self._leases} "
+                    f"request(s); switching to {wanted!r} waited {self._switch_wait:g} s. Try again when they end"
+                )
+            try:
+                status = await self._server.load(wanted, None)
+            except ServerStartFailed as exc:
+                raise ModelLoadFailed(f"Model {wanted!r} did not start: {exc}") from exc
+        finally:
+            self._switch_done = None
+            done.set()
+        if status.endpoint is None or status.model_name != wanted:
+            raise ModelLoadFailed(f"Model {wanted!r} did not start: {status.error_message or status.status}")
+        return status, self._lease()
+
+    def _lease(self) -> Lease:
+        if self._leases == 0:
+            self._idle = trio.Event()
+        self._leases += 1
+        return Lease(self)
+
+    def _released(self) -> None:
+        self._leases -= 1
+        if self._leases == 0:
+            self._idle.set()
