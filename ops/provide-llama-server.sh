@@ -8,9 +8,13 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+# The build's flavour, part of the cache key: bump it whenever the build flags change, so every
+# machine with an older binary builds once more.  b2: rpc-server too, and no AMX kernels.
+LLAMA_SERVER_BUILD="b2"
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/zenow-llama-server"
-PREFIX="$CACHE_ROOT/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
+PREFIX="$CACHE_ROOT/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$LLAMA_SERVER_BUILD"
 BIN="$PREFIX/bin/llama-server"
+RPC_BIN="$PREFIX/bin/rpc-server"
 PYTHON="${PYTHON:-python3}"
 
 say() { printf 'ops/provide-llama-server: %s\n' "$*" >&2; }
@@ -23,7 +27,7 @@ fi
 if found=$(command -v llama-server 2>/dev/null); then
   echo "$found"; exit 0
 fi
-if [ -x "$BIN" ]; then
+if [ -x "$BIN" ] && [ -x "$RPC_BIN" ]; then
   echo "$BIN"; exit 0
 fi
 
@@ -44,20 +48,28 @@ tar -xzf "$WORK"/sdist/llama_cpp_python-*.tar.gz -C "$WORK"
 SRC=$(echo "$WORK"/llama_cpp_python-*/vendor/llama.cpp)
 [ -f "$SRC/CMakeLists.txt" ] || die "the sdist has no vendor/llama.cpp tree"
 
+# GGML_NATIVE tunes for this CPU, but its AMX matrix kernels crash (SIGSEGV in
+# ggml_backend_amx_mul_mat, measured on a Xeon with AMX under this project's sandbox) where
+# the kernel does not grant AMX tile state: undefining the feature macros leaves them out.
+NO_AMX="-U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__"
 say "configuring"
 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-  -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >"$WORK/configure.log" 2>&1 \
+  -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DGGML_RPC=ON \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >"$WORK/configure.log" 2>&1 \
   || { tail -n 30 "$WORK/configure.log" >&2; die "cmake configure failed (log above)"; }
 
-say "building the llama-server target (progress in percent below)"
-cmake --build "$WORK/build" --target llama-server -j"$(nproc 2>/dev/null || echo 2)" 2>&1 \
+say "building the llama-server and rpc-server targets (progress in percent below)"
+cmake --build "$WORK/build" --target llama-server rpc-server -j"$(nproc 2>/dev/null || echo 2)" 2>&1 \
   | grep --line-buffered -E '^\[ *[0-9]+%\]|error' | sed -u 's/^/  /' >&2
 [ -x "$WORK/build/bin/llama-server" ] || die "the build did not produce bin/llama-server"
+[ -x "$WORK/build/bin/rpc-server" ] || die "the build did not produce bin/rpc-server"
 
 mkdir -p "$PREFIX/bin"
+cp "$WORK/build/bin/rpc-server" "$RPC_BIN.tmp"
+mv "$RPC_BIN.tmp" "$RPC_BIN"
 cp "$WORK/build/bin/llama-server" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
 "$BIN" --version >&2 2>&1 || true

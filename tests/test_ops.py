@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from zenow.servers import LLAMA_CPP_PYTHON_VERSION
+from zenow.servers._binary import LLAMA_SERVER_BUILD
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "ops" / "provide-llama-server.sh"
@@ -20,6 +21,8 @@ def provide(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_the_script_builds_the_version_zenow_looks_for():
     pinned = re.search(r'LLAMA_CPP_PYTHON_VERSION="\$\{LLAMA_CPP_PYTHON_VERSION:-([\d.]+)\}"', SCRIPT.read_text())
     assert pinned and pinned.group(1) == LLAMA_CPP_PYTHON_VERSION
+    build = re.search(r'LLAMA_SERVER_BUILD="(\w+)"', SCRIPT.read_text())
+    assert build and build.group(1) == LLAMA_SERVER_BUILD
 
 
 def test_a_configured_binary_wins(tmp_path):

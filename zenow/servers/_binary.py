@@ -11,10 +11,14 @@ from ..settings import Settings
 
 #: The llama-cpp-python sdist whose vendored llama.cpp ops/provide-llama-server.sh builds.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+#: The build flavour in the script's cache key (bumped when its build flags change).
+LLAMA_SERVER_BUILD = "b2"
 
 
-def cached_binary(cache_root: Path) -> Path:
-    return cache_root / "zenow-llama-server" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}" / "bin" / "llama-server"
+def cached_binary(cache_root: Path, name: str = "llama-server") -> Path:
+    """Where ops/provide-llama-server.sh caches `name` (llama-server or rpc-server)."""
+    folder = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}-{LLAMA_SERVER_BUILD}"
+    return cache_root / "zenow-llama-server" / folder / "bin" / name
 
 
 def find_llama_server(settings: Settings) -> str:
