@@ -536,9 +536,9 @@ async def test_default_urls_have_the_spec_shape(client, settings):
 
 
 async def test_load_with_a_download_url_downloads_through_the_actor_then_starts_the_server(
-        nursery, files, tmp_path):
+        nursery, files, tmp_path, tiny_models):
     settings = make_settings(tmp_path / "load-home", llama_server=str(FAKE_LLAMA_SERVER), stop_grace=1.0)
-    data = b"GGUF" + bytes(300 * KB)
+    data = tiny_models["llm"].read_bytes()  # a whole model: loading checks the GGUF header
     served = files.add("/remote/model.gguf", data, drops=[100 * KB])
     url = files.url("/remote/model.gguf")
 
