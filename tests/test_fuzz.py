@@ -60,7 +60,6 @@ def api(zenow_url: str) -> schemathesis.BaseSchema:
     return (schema
             .exclude(path="/api/models/download", method="POST")
             .exclude(path="/api/models/load", method="POST")
-            .exclude(path_regex="download")  # TEMP
             .exclude(path="/api/chat", method="POST"))
 
 

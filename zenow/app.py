@@ -126,13 +126,20 @@ def _detail(status: int, detail: str, *, param: str | None = None, code: str | N
 
 class _OpenAPI(OpenAPIProvider):
     """Marks every documented request body as required (zenow answers 415 to a write without one)
-    and documents `*_id` path segments as the integers the routes read them as."""
+    and required query parameters as required, and documents `*_id` path segments as the
+    integers the routes read them as."""
 
     def build_path_parameter(self, name: str, converter: Any) -> dict[str, Any]:
         parameter = super().build_path_parameter(name, converter)
         if name.endswith("_id"):  # ids are parsed by the route (400 naming the field when not an integer)
             parameter["schema"] = {"type": "integer", "minimum": -ID_MAX, "maximum": ID_MAX}
         return parameter
+
+    def build_querystring_parameters(self, model: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        # quart-schema looks for `required` on each property; JSON Schema lists it on the object.
+        parameters, definitions = super().build_querystring_parameters(model)
+        required = set(model.model_json_schema().get("required", ()))
+        return [{**p, "required": True} if p["name"] in required else p for p in parameters], definitions
 
     def build_request_body(self, model: Any, source: DataSource) -> tuple[dict[str, Any], dict[str, Any]]:
         body, components = super().build_request_body(model, source)

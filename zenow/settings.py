@@ -91,7 +91,7 @@ class Settings:
     cache_root: Path = Path("~/.cache").expanduser()
     #: The largest model file a download may write (bytes); also the limit when no Content-Length is sent.
     max_download_size: int = 64 * 2**30
-    #: Free space a download must leave on the home's file system (bytes).
+    #: Free space a download must leave on the file system of the mode's models folder (bytes).
     download_free_margin: int = 512 * 2**20
     #: The largest request body accepted (bytes); larger ones answer 413 unread.
     max_body_size: int = 8 * 2**20

@@ -55,7 +55,6 @@ import errno
 import http
 import logging
 import re
-import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -250,12 +249,6 @@ class _Download:
         )
 
 
-def _delete_download_row(conn: sqlite3.Connection, url: str) -> None:
-    # The Store handle has no query to forget a download yet; this one statement is its
-    # whole job (the connection autocommits), run by the store actor like its own queries.
-    conn.execute("DELETE FROM downloads WHERE url = ?", (url,))
-
-
 class DownloadActor(Actor):
     """Owns every download: its state, its task, its `.part` file and one HTTP client."""
 
@@ -388,7 +381,7 @@ class DownloadActor(Actor):
                 if other.downloaded and other.status == "failed":
                     other.downloaded = 0  # they pointed at the same .part
                     await self._checkpoint(other)
-        await self._store._run(_delete_download_row, target.url)
+        await self._store.delete_download(target.url)
         del self._downloads[target.url]
         log.info("forgot the download of %s%s", target.shown_url, " and deleted its .part" if part_deleted else "")
         return DiscardedDownload(last, cancelled=False, part_deleted=part_deleted)

@@ -167,6 +167,43 @@ class ChatAnswer(BaseModel):
     session_id: int
 
 
+class DownloadShape(BaseModel):
+    url: str
+    filename: str
+    status: Literal["downloading", "completed", "failed"]
+    downloaded: int
+    total: int | None
+    progress: float
+    error: str | None
+
+
+class DownloadStarted(BaseModel):
+    success: bool
+    url: str
+    mode: Literal["llm", "embed", "rerank"]
+    message: str
+
+
+class DownloadStatusAnswer(BaseModel):
+    """`downloads` without `url` in the query string, `download` with it."""
+
+    success: bool
+    downloads: list[DownloadShape] | None = None
+    download: DownloadShape | None = None
+
+
+class DownloadStopped(BaseModel):
+    success: bool
+    message: str
+    download: DownloadShape
+    discarded: bool | None = None
+
+
+class DefaultUrls(BaseModel):
+    urls: dict[str, list[str]]
+    browser_path: str
+
+
 def documented(answer: type[BaseModel] | None, *errors: int, query: type[BaseModel] | None = None,
                body: type[BaseModel] | None = None) -> Callable[[F], F]:
     """Document a route in `/openapi.json`: its 200 answer, its query string or body when the

@@ -14,6 +14,7 @@ from quart_schema import validate_querystring, validate_request
 from ..downloads import CANCELLED, DiscardedDownload, Downloads, progress_percent, redact_text, redact_url
 from ..store import DownloadRecord
 from ._context import services
+from ._shapes import DefaultUrls, DownloadStarted, DownloadStatusAnswer, DownloadStopped, documented
 
 bp = Blueprint("downloads", __name__)
 
@@ -43,6 +44,7 @@ def _downloads() -> Downloads:
 
 
 @bp.post("/api/models/download")
+@documented(DownloadStarted, 404, 409, 507)
 @validate_request(StartDownload)
 async def start_download(data: StartDownload) -> dict[str, object]:
     record = await _downloads().start(data.url, data.filename, data.mode, data.sha256)
@@ -54,6 +56,7 @@ async def start_download(data: StartDownload) -> dict[str, object]:
 
 
 @bp.get("/api/models/download/status")
+@documented(DownloadStatusAnswer, 404)
 @validate_querystring(StatusQuery)
 async def download_status(query_args: StatusQuery) -> dict[str, object]:
     if query_args.url is None:
@@ -62,6 +65,7 @@ async def download_status(query_args: StatusQuery) -> dict[str, object]:
 
 
 @bp.delete("/api/models/download")
+@documented(DownloadStopped, 404)
 @validate_querystring(CancelQuery)
 async def cancel_download(query_args: CancelQuery) -> dict[str, object]:
     if query_args.discard:
@@ -74,6 +78,7 @@ async def cancel_download(query_args: CancelQuery) -> dict[str, object]:
 
 
 @bp.get("/api/downloads/default-urls")
+@documented(DefaultUrls)
 async def default_urls() -> dict[str, object]:
     settings = services().settings
     return {"urls": {mode: list(urls) for mode, urls in settings.default_urls.items()},

@@ -11,6 +11,15 @@ import trio
 
 from ..actor import Actor, ActorRef
 from ..errors import InvalidRequest, StorageFull, StoreError, StoreReadOnly
+from ..events import (
+    EventHub,
+    MessageAdded,
+    MessagesCleared,
+    ModelRegistered,
+    SessionCreated,
+    SessionDeleted,
+    SessionRenamed,
+)
 from . import _queries as q
 from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 
@@ -57,6 +66,17 @@ class StoreActor(Actor):
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
 
+    async def write(self, query: Callable[..., T], announce: Callable[[T], None], *args: Any) -> T:
+        """`execute`, then `announce(result)` here in the actor: changes are announced in the
+        order they were made, and even when the caller stopped waiting for the answer.
+
+        `announce` must not block nor raise (it publishes an event).  Raises what `execute` raises;
+        then nothing is announced.
+        """
+        result = await self.execute(query, *args)
+        announce(result)
+        return result
+
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
     """The domain error for a database failure; the transaction was rolled back, nothing half-written."""
@@ -70,10 +90,20 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
 
 class Store:
     """Typed access to the store actor.  Every method raises `StoreError` when the
-    database fails, and `ActorUnavailable` when the store is down."""
+    database fails, and `ActorUnavailable` when the store is down.
 
-    def __init__(self, ref: ActorRef[StoreActor]) -> None:
+    Changes to sessions, messages and the model registry are published on `events`
+    (`session.*`, `model.registered`) once written.
+    """
+
+    def __init__(self, ref: ActorRef[StoreActor], events: EventHub | None = None) -> None:
         self._ref = ref
+        self._events = events if events is not None else EventHub()
+
+    @property
+    def events(self) -> EventHub:
+        """The hub this store announces its changes on (a hub nobody listens to, when none was given)."""
+        return self._events
 
     async def _run(
         self, query: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -82,9 +112,17 @@ class Store:
             raise TypeError("store queries take positional arguments only")
         return await self._ref.call(StoreActor.execute, query, *args)
 
+    async def _write(
+        self, query: Callable[Concatenate[sqlite3.Connection, P], T], announce: Callable[[T], None],
+        *args: P.args, **kwargs: P.kwargs,
+    ) -> T:
+        if kwargs:
+            raise TypeError("store queries take positional arguments only")
+        return await self._ref.call(StoreActor.write, query, announce, *args)
+
     # sessions (raise SessionNotFound for an unknown id)
     async def create_session(self, name: str) -> SessionInfo:
-        return await self._run(q.create_session, name)
+        return await self._write(q.create_session, lambda s: self._events.publish(SessionCreated(session=s)), name)
 
     async def get_session(self, session_id: int) -> SessionInfo:
         return await self._run(q.get_session, session_id)
@@ -93,13 +131,19 @@ class Store:
         return await self._run(q.list_sessions, limit, offset)
 
     async def rename_session(self, session_id: int, name: str) -> None:
-        await self._run(q.rename_session, session_id, name)
+        await self._write(
+            q.rename_session,
+            lambda _: self._events.publish(SessionRenamed(session_id=session_id, session_name=name)),
+            session_id, name,
+        )
 
     async def delete_session(self, session_id: int) -> None:
-        await self._run(q.delete_session, session_id)
+        await self._write(q.delete_session, lambda _: self._events.publish(SessionDeleted(session_id=session_id)),
+                          session_id)
 
     async def add_message(self, session_id: int, role: str, content: str, token_count: int) -> MessageInfo:
-        return await self._run(q.add_message, session_id, role, content, token_count)
+        return await self._write(q.add_message, lambda m: self._events.publish(MessageAdded(message=m)),
+                                 session_id, role, content, token_count)
 
     async def get_messages(self, session_id: int, limit: int | None) -> tuple[list[MessageInfo], int]:
         return await self._run(q.get_messages, session_id, limit)
@@ -108,13 +152,15 @@ class Store:
         return await self._run(q.newest_messages, session_id, before_id, count)
 
     async def clear_messages(self, session_id: int) -> None:
-        await self._run(q.clear_messages, session_id)
+        await self._write(q.clear_messages, lambda _: self._events.publish(MessagesCleared(session_id=session_id)),
+                          session_id)
 
     # models
     async def register_model(
         self, mode: str, name: str, path: str, source_url: str | None = None, size: int | None = None
     ) -> ModelInfo:
-        return await self._run(q.register_model, mode, name, path, source_url, size)
+        return await self._write(q.register_model, lambda m: self._events.publish(ModelRegistered(model=m)),
+                                 mode, name, path, source_url, size)
 
     async def list_models(self, mode: str | None) -> list[ModelInfo]:
         return await self._run(q.list_models, mode)
@@ -138,6 +184,9 @@ class Store:
     # downloads
     async def save_download(self, record: DownloadRecord) -> None:
         await self._run(q.save_download, record)
+
+    async def delete_download(self, url: str) -> None:
+        await self._run(q.delete_download, url)
 
     async def list_downloads(self) -> list[DownloadRecord]:
         return await self._run(q.list_downloads)

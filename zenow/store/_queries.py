@@ -288,6 +288,12 @@ def save_download(conn: sqlite3.Connection, record: DownloadRecord) -> None:
         )
 
 
+def delete_download(conn: sqlite3.Connection, url: str) -> None:
+    """Forget the download of `url` (no error when there is none)."""
+    with _Transaction(conn):
+        conn.execute("DELETE FROM downloads WHERE url = ?", (url,))
+
+
 def list_downloads(conn: sqlite3.Connection) -> list[DownloadRecord]:
     rows = conn.execute(f"SELECT {_DOWNLOAD_COLUMNS} FROM downloads ORDER BY updated_at").fetchall()
     return [_download(r) for r in rows]
