@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import trio
 
 from .errors import InvalidRequest, ZenowError
-from .settings import MODES
+from .settings import MODES, Mode
 
 if TYPE_CHECKING:
     from .store import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
@@ -587,7 +587,7 @@ class _DownloadsLike(Protocol):
     async def all(self) -> list[DownloadRecord]: ...
 
 
-async def current_state(servers: Mapping[str, _ServerHandleLike], downloads: _DownloadsLike) -> Snapshot:
+async def current_state(servers: Mapping[Mode, _ServerHandleLike], downloads: _DownloadsLike) -> Snapshot:
     """zenow's snapshot: every mode's server status (`ServerHandle.status()`) and the downloads
     in progress (`Downloads.all()`; none when the download actor is down)."""
     statuses = tuple(ServerStatusEvent.of(mode, servers[mode].status()) for mode in MODES if mode in servers)

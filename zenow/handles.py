@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .actor import ActorHealth
 from .chat import ChatStreamer
 from .downloads import Downloads
+from .events import EventHub
 from .servers import ServerHandle
 from .settings import Mode, Settings
 from .store import Store
@@ -30,3 +31,5 @@ class Services:
     openai: OpenAIGateway
     #: Which actors have given up (the health probe reports them).
     health: ActorHealth
+    #: Where actors publish events; `/api/events` and `/api/ws` subscribe to it.
+    events: EventHub

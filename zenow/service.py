@@ -21,6 +21,7 @@ from .app import create_app, is_loopback
 from .chat import ChatStreamer, ChatStreamerActor
 from .downloads import DownloadActor, Downloads
 from .errors import ServerStartFailed, ZenowError
+from .events import EventHub, current_state
 from .handles import Services
 from .http_server import serve_http
 from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server
@@ -152,13 +153,15 @@ async def _run(
     reaches the database.
     """
     health = ActorHealth()
+    events = EventHub()
     async with trio.open_nursery() as store_tier:
         store = Store(
             await Supervisor(store_tier, health=health).start(
                 "store",
                 partial(StoreActor, settings.database_path, int(settings.db_busy_timeout * 1000)),
                 critical=True,
-            )
+            ),
+            events,
         )
         try:
             log.info("llama-server: %s", find_llama_server(settings))
@@ -175,6 +178,7 @@ async def _run(
                 )
                 servers[mode] = ServerHandle(mode, ref, board, upstream)
             tokens = TokenCounter(servers["llm"].tokenize_count)
+            events.set_snapshot_provider(partial(current_state, servers, downloads))
             openai = OpenAIGateway(await supervisor.start("v1 upstream actor", UpstreamActor), store, servers)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
@@ -183,12 +187,19 @@ async def _run(
                     )
                 )
                 services = Services(settings=settings, store=store, tokens=tokens, downloads=downloads,
-                                    servers=servers, chat=chat, openai=openai, health=health)
+                                    servers=servers, chat=chat, openai=openai, health=health, events=events)
+                chat_tier.start_soon(_end_event_streams, shutdown, events)
                 await _serve_http(create_app(services), settings, listener, shutdown, task_status)
                 log.info("zenow stopping")
                 chat_tier.cancel_scope.cancel()
             model_tier.cancel_scope.cancel()
         store_tier.cancel_scope.cancel()
+
+
+async def _end_event_streams(shutdown: trio.Event, events: EventHub) -> None:
+    """At shutdown, end the event streams at once: they would hold the graceful timeout."""
+    await shutdown.wait()
+    events.close()
 
 
 async def _serve_http(
