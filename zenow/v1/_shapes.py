@@ -61,16 +61,29 @@ EncodingFormat = Literal["float", "base64"]
 # ---------------------------------------------------------------- validation
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "is-instance"})
+
+
+def _field(loc: tuple[int | str, ...], prefix: str) -> str:
+    """The dotted field of a pydantic error location, without the union member tags
+    (`content.str`, `stop.list[str]`) pydantic adds after it."""
+    parts = [str(p) for p in loc]
+    while parts and (parts[-1] in _TYPE_TAGS or "[" in parts[-1] or "-" in parts[-1]):
+        parts.pop()
+    return prefix + ".".join(parts)
+
+
 def _invalid(error: ValidationError, prefix: str = "") -> InvalidRequest:
     """One `InvalidRequest` naming every bad field, with `param` the first of them."""
-    parts = []
-    first: str | None = None
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        where = prefix + ".".join(str(p) for p in item["loc"])
-        first = first or where or None
         message = "must be a JSON object" if item["type"] in ("model_type", "dict_type") else item["msg"]
-        parts.append(f"{where or 'body'}: {message}")
-    return InvalidRequest("; ".join(parts), param=first)
+        found = problems.setdefault(_field(item["loc"], prefix), [])
+        if message not in found:
+            found.append(message)
+    first = next(iter(problems), "")
+    detail = "; ".join(f"{where or 'body'}: {' or '.join(messages)}" for where, messages in problems.items())
+    return InvalidRequest(detail, param=first or None)
 
 
 def _object(body: object) -> dict[str, Any]:
