@@ -1,0 +1,179 @@
+"""/v1 when things go wrong, with the fake llama-server: disconnects, crashes, refusals, and a
+switch that must not cut a stream in flight."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import trio
+
+from tests.support.harness import make_settings, start_zenow, wait_for
+from tests.support.llama import FAKE_LLAMA_SERVER
+
+FAKE_REPLY = "Hello from the fake server."
+ASK = {"model": "fake-a", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture
+def event_log(tmp_path, monkeypatch):
+    path = tmp_path / "fake-events.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_EVENT_LOG", str(path))
+    return path
+
+
+def events(path, kind=None):
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+async def first(path, kind):
+    found = events(path, kind)
+    return found[0] if found else None
+
+
+@asynccontextmanager
+async def fake_zenow(nursery, tmp_path, model_file):
+    """zenow over the fake llama-server with llm models fake-a and fake-b registered, none running
+    (both copies of `model_file`, a real GGUF file that the fake never reads).
+
+    The fake takes its FAKE_LLAMA_* knobs from the environment when it is spawned, so a test
+    sets them (monkeypatch) before the first request loads a model."""
+    home = tmp_path / "home"
+    (home / "models" / "llm").mkdir(parents=True)
+    for name in ("fake-a", "fake-b"):
+        shutil.copy(model_file, home / "models" / "llm" / f"{name}.gguf")
+    async with start_zenow(nursery, make_settings(home, llama_server=str(FAKE_LLAMA_SERVER))) as zenow:
+        yield zenow
+
+
+def frames(raw: str) -> list:
+    """The events of an SSE body; asserts each is a whole `data:` event."""
+    assert raw.endswith("\n\n")
+    parts = raw.split("\n\n")[:-1]
+    assert all(p.startswith("data: ") and "\n" not in p for p in parts)
+    return [p[6:] if p == "data: [DONE]" else json.loads(p[6:]) for p in parts]
+
+
+async def test_a_client_disconnect_mid_stream_stops_generation_upstream_at_once(
+        nursery, tmp_path, tiny_models, monkeypatch, event_log,
+):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        received = []
+        async with zenow.client.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    if delta.get("content"):
+                        received.append(delta["content"])
+                if len(received) == 5:
+                    break
+            closed_at = time.time()
+        gone = await wait_for(lambda: first(event_log, "client_disconnected"), timeout=5, what="upstream disconnect")
+        assert gone["time"] - closed_at < 0.1, f"generation went on for {gone['time'] - closed_at:.3f} s"
+        assert gone["stream"] is True and gone["tokens_sent"] < 400
+
+
+async def test_a_client_gone_right_after_the_headers_stops_generation_too(
+        nursery, tmp_path, tiny_models, monkeypatch, event_log,
+):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        async with zenow.client.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as response:
+            assert response.status_code == 200
+            closed_at = time.time()
+        gone = await wait_for(lambda: first(event_log, "client_disconnected"), timeout=5, what="upstream disconnect")
+        assert gone["time"] - closed_at < 0.1 and gone["tokens_sent"] < 10
+
+
+async def test_a_client_gone_during_a_whole_answer_stops_generation_upstream(
+        nursery, tmp_path, tiny_models, monkeypatch, event_log,
+):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        await zenow.client.post("/api/models/load", json={"model_name": "fake-a"})
+        async with httpx.AsyncClient(base_url=zenow.url, timeout=0.5) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/v1/chat/completions", json=ASK)
+            closed_at = time.time()
+        gone = await wait_for(lambda: first(event_log, "client_disconnected"), timeout=5, what="upstream disconnect")
+        assert gone["stream"] is False and gone["time"] - closed_at < 0.1
+
+
+async def test_a_crash_mid_stream_ends_with_an_error_event_then_done(nursery, tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_CRASH_MID_STREAM", "3")
+    async with (fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow,
+                zenow.client.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as response):
+        assert response.status_code == 200
+        raw = "".join([text async for text in response.aiter_text()])
+    events_ = frames(raw)
+    assert events_[-1] == "[DONE]"
+    error = events_[-2]["error"]
+    assert error["type"] == "server_error" and error["code"] == "upstream_error" and "llama-server" in error["message"]
+    deltas = [e["choices"][0]["delta"].get("content") for e in events_[:-2]]
+    assert "".join(d for d in deltas if d) == "Hello from the"
+    assert all(e["model"] == "fake-a" for e in events_[:-2])
+
+
+async def test_a_crash_during_a_whole_answer_is_a_502(nursery, tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_CRASH_MID_STREAM", "2")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        answer = await zenow.client.post("/v1/chat/completions", json=ASK)
+    assert answer.status_code == 502
+    assert answer.json()["error"]["type"] == "api_error" and answer.json()["error"]["code"] == "upstream_error"
+
+
+async def test_a_prompt_too_long_for_the_context_is_a_400_naming_messages(nursery, tmp_path, tiny_models):
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        assert (await zenow.client.post("/api/models/load", json={"model_name": "fake-a"})).status_code == 200
+        assert (await zenow.client.post("/api/models/update_param", json={"context_size": 64})).status_code == 200
+        long = {**ASK, "messages": [{"role": "user", "content": "word " * 500}]}
+        for stream in (False, True):
+            answer = await zenow.client.post("/v1/chat/completions", json={**long, "stream": stream})
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["param"] == "messages"
+            assert answer.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_a_switch_waits_for_the_stream_in_flight_and_never_cuts_it(
+        nursery, tmp_path, tiny_models, monkeypatch, event_log,
+):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.02")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "30")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        streamed = {}
+        switched = {}
+
+        async def stream_from_a(task_status=trio.TASK_STATUS_IGNORED):
+            async with zenow.client.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as response:
+                task_status.started()
+                streamed["raw"] = "".join([text async for text in response.aiter_text()])
+                streamed["ended"] = time.time()
+
+        async def ask_b():
+            answer = await zenow.client.post("/v1/chat/completions", json={**ASK, "model": "fake-b"})
+            switched["answer"] = answer
+            switched["ended"] = time.time()
+
+        async with trio.open_nursery() as both:
+            await both.start(stream_from_a)
+            both.start_soon(ask_b)
+    events_ = frames(streamed["raw"])
+    assert events_[-1] == "[DONE]" and "error" not in events_[-2]
+    assert len([e for e in events_[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]) == 30
+    assert switched["answer"].status_code == 200, switched["answer"].text
+    assert switched["answer"].json()["model"] == "fake-b"
+    finished = events(event_log, "stream_finished")
+    started = [e for e in events(event_log, "listening")]
+    assert len(started) == 2 and finished[0]["time"] < started[1]["time"]  # b started only after a's stream ended
