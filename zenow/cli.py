@@ -1,4 +1,5 @@
-"""The `zenow` command line."""
+"""The `zenow` command line: `serve`, `convert`, `backup`, and the terminal client's commands
+(`pull`, `run`/`chat`, `status`, `models`, `load`, `sessions`; see `zenow.client`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
+from .client import CLIENT_COMMANDS, add_client_commands, run_client_command
 from .errors import ZenowError, single_cause
 from .settings import Settings
 
@@ -140,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     backup.add_argument("out", type=Path, metavar="OUT.db", help="where to write the copy")
     backup.add_argument("--home", type=Path, default=None, help="zenow's home (env ZENOW_HOME; default ~/.cache/zenow)")
+    add_client_commands(commands)
     return parser
 
 
@@ -186,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "backup":
         return _backup(args)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -203,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         trio.run(_serve_until_signalled, settings)
-    except BaseException as exc:  # noqa: BLE001 - one line for known failures, traceback otherwise
+    except BaseException as exc:  # one line for known failures, a traceback otherwise
         cause = single_cause(exc)
         if isinstance(cause, ZenowError):
             print(f"zenow: {cause}", file=sys.stderr)
