@@ -8,16 +8,15 @@ Zenow starts it exactly as it starts the real binary::
 
 Command line
 ------------
-Understood: ``-m/--model PATH`` (never opened unless FAKE_LLAMA_REQUIRE_MODEL=1),
-``--host`` (default 127.0.0.1; an address containing ':' binds IPv6), ``--port``
-(default 8080; 0 picks a free port, printed in the listening line),
-``-c/--ctx-size N`` (0 or absent: 4096), ``--embedding/--embeddings``,
-``--reranking/--rerank``, ``--pooling {none,mean,cls,last,rank}``,
-``-a/--alias NAME``, ``--api-key K[,K...]``, ``--metrics``, ``-np/--parallel N``
-(reported in /props only), ``-h/--help``, ``--version``.  ``-t``, ``-ngl``, ``-b``
-and ``--no-webui`` are accepted and ignored.  Every other argument is ignored: a
-hand-written parser is used instead of argparse because argparse reads real
-llama-server flags such as ``-ctk q8_0`` or ``-tb 2`` as ``-c tk`` / ``-t b``.
+Understood: ``-m/--model PATH`` (never opened), ``--host`` (default 127.0.0.1; an
+address containing ':' binds IPv6), ``--port`` (default 8080; 0 picks a free port,
+printed in the listening line), ``-c/--ctx-size N`` (0 or absent: 4096),
+``--embedding/--embeddings``, ``--reranking/--rerank``, ``--pooling
+{none,mean,cls,last,rank}``, ``-np/--parallel N`` (reported in /props only),
+``-h/--help``, ``--version``.  ``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are
+accepted and ignored.  Every other argument is ignored: a hand-written parser
+is used instead of argparse because argparse reads real llama-server flags such
+as ``-ctk q8_0`` or ``-tb 2`` as ``-c tk`` / ``-t b``.
 Both ``--opt value`` and ``--opt=value`` work.
 
 Environment (all optional)
@@ -26,45 +25,24 @@ FAKE_LLAMA_START_DELAY=S      seconds between binding and "model loaded" (0.05).
                               Meanwhile every endpoint answers 503 {"error":
                               {"message":"Loading model","type":
                               "unavailable_error","code":503}}, as the real one.
-FAKE_LLAMA_BIND_DELAY=S       seconds before binding, connections refused (0).
 FAKE_LLAMA_FAIL_START=CODE    print a model-load error to stderr and exit CODE
                               before binding.
-FAKE_LLAMA_FAIL_LOAD=CODE     bind, answer 503 for START_DELAY, then print a
-                              model-load error and exit CODE (how the real
-                              binary fails on a bad model file).
-FAKE_LLAMA_REQUIRE_MODEL=1    a missing -m file behaves like FAIL_LOAD=1.
 FAKE_LLAMA_NEVER_READY=1      stay "loading" (503) forever.
 FAKE_LLAMA_CRASH_AFTER=S      S seconds after binding, print an error to stderr
                               and os._exit(3).
-FAKE_LLAMA_TOKENS             chat reply tokens: comma-separated, taken
-                              verbatim (no stripping), or a JSON list when the
-                              value starts with '['.  Unset: "Hello", " from",
-                              " the", " fake", " server", ".".  Set but empty:
-                              no tokens.
-FAKE_LLAMA_TOKEN_COUNT=N      repeat the token list cyclically (or cut it) to
-                              exactly N tokens.
+FAKE_LLAMA_TOKEN_COUNT=N      chat reply tokens: "Hello", " from", " the",
+                              " fake", " server", "." repeated cyclically (or
+                              cut) to exactly N tokens (default: those 6).
 FAKE_LLAMA_TOKEN_DELAY=S      seconds spent "generating" each token, stream or
                               not (0.01); waited before each token.
-FAKE_LLAMA_FIRST_TOKEN_DELAY=S  extra "prompt processing" time before the
-                              response headers of a chat request (0).
 FAKE_LLAMA_CRASH_MID_STREAM=N after N tokens have been sent (stream) or
                               generated (non-stream), os._exit(4); the
                               connection drops mid-response.  N=0: right after
                               the stream's headers and role chunk.
-FAKE_LLAMA_EMBED_DIM=N        embedding width (8).
+FAKE_LLAMA_TOKENIZE_DELAY=S   seconds /tokenize takes before answering (0).
+FAKE_LLAMA_TOKENIZE_DELAY_IF=TEXT  only when the content holds TEXT.
 FAKE_LLAMA_EVENT_LOG=PATH     append one JSON object per line (see below).
-FAKE_LLAMA_PID_DIR=DIR        write DIR/<pid>.pid (content "<pid>\\n") first
-                              thing at start; never removed, so a test can check
-                              that every fake it caused to start is gone.
 FAKE_LLAMA_IGNORE_SIGTERM=1   ignore SIGTERM (SIGINT still stops it).
-LLAMA_SERVER_ROUTER_PORT      (llama.cpp's own variable) when set, mimic a
-                              router child of the pinned llama.cpp: stdout gets
-                              "\\ncmd_child_to_router:state:{json}" lines
-                              (state "loading" at bind, "ready" when loaded);
-                              once ready, stdin is watched: EOF prints "EOF on
-                              stdin detected, forcing shutdown..." and exits 1, a
-                              line containing "cmd_router_to_child:exit" shuts
-                              down cleanly (exit 0).
 
 Signals: SIGTERM and SIGINT stop the accept loop and exit 0 within ~0.1 s, even
 with streams in flight (those connections just drop).
@@ -75,9 +53,9 @@ Each line is a JSON object with ``event``, ``time`` (time.time()), ``pid`` and,
 once bound, ``port``, written with a single O_APPEND write (several fakes can
 share one file).  Events:
 
-- ``listening`` {host}; ``ready``; ``shutdown`` {reason: "SIGTERM"|"SIGINT"|
-  "router_exit"}; ``start_failed`` {code, reason}; ``crash`` {reason:
-  "crash_after"|"mid_stream", tokens_sent?};
+- ``listening`` {host}; ``ready``; ``shutdown`` {reason: "SIGTERM"|"SIGINT"};
+  ``start_failed`` {code, reason}; ``crash`` {reason: "crash_after"|"mid_stream",
+  tokens_sent?};
 - ``request`` {method, path, body}: every request, before any other handling
   (503 while loading included); body is the parsed JSON or null;
 - ``token_sent`` {n}: streamed token number n (1-based) was written;
@@ -112,7 +90,7 @@ prompt_tokens >= n_ctx is a 400 exceed_context_size_error, as in the real
 server; max_tokens / max_completion_tokens / n_predict (>= 0) and the room left
 in the context cut the reply, with finish_reason "length".
 
-Embeddings: a deterministic L2-normalised vector of FAKE_LLAMA_EMBED_DIM floats
+Embeddings: a deterministic L2-normalised vector of 8 floats
 seeded by crc32 of the text.  Rerank: relevance_score = 2*overlap - 4 +
 (crc32(utf-8 document) % 1000)/1000, overlap being the number of distinct
 lower-cased query tokens present in the document; sorted best first (ties keep
@@ -135,6 +113,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DEFAULT_TOKENS = ["Hello", " from", " the", " fake", " server", "."]
+EMBED_DIM = 8
 DEFAULT_N_CTX = 4096
 BUILD_INFO = "fake"
 SYSTEM_FINGERPRINT = "b0-fake"
@@ -216,20 +195,10 @@ def _env_flag(name):
 
 
 def _env_tokens():
-    raw = os.environ.get("FAKE_LLAMA_TOKENS")
-    if raw is None:
-        tokens = list(DEFAULT_TOKENS)
-    elif raw.lstrip().startswith("["):
-        tokens = [str(t) for t in json.loads(raw)]
-    elif raw == "":
-        tokens = []
-    else:
-        tokens = raw.split(",")
+    tokens = list(DEFAULT_TOKENS)
     count = _env_int("FAKE_LLAMA_TOKEN_COUNT")
-    if count is not None and tokens:
+    if count is not None:
         tokens = [tokens[i % len(tokens)] for i in range(max(count, 0))]
-    elif count is not None:
-        tokens = []
     return tokens
 
 
@@ -243,11 +212,9 @@ _OPTIONS = {
     "--n-gpu-layers": ("n_gpu_layers", True),
     "-b": ("batch_size", True), "--batch-size": ("batch_size", True),
     "-np": ("parallel", True), "--parallel": ("parallel", True),
-    "-a": ("alias", True), "--alias": ("alias", True),
-    "--pooling": ("pooling", True), "--api-key": ("api_key", True),
+    "--pooling": ("pooling", True),
     "--embedding": ("embedding", False), "--embeddings": ("embedding", False),
     "--reranking": ("reranking", False), "--rerank": ("reranking", False),
-    "--metrics": ("metrics", False),
     "--no-webui": ("no_webui", False), "--no-ui": ("no_webui", False),
     "-h": ("help", False), "--help": ("help", False),
     "--version": ("version", False),
@@ -257,8 +224,8 @@ _OPTIONS = {
 def parse_args(argv):
     """Parse the llama-server flags the fake understands; ignore everything else."""
     opts = {"model": "models/7B/ggml-model-f16.gguf", "host": "127.0.0.1", "port": "8080",
-            "ctx_size": "0", "parallel": "4", "alias": None, "pooling": None,
-            "api_key": None, "embedding": False, "reranking": False, "metrics": False,
+            "ctx_size": "0", "parallel": "4", "pooling": None,
+            "embedding": False, "reranking": False,
             "help": False, "version": False}
     i = 0
     while i < len(argv):
@@ -285,15 +252,14 @@ def parse_args(argv):
             opts[key] = int(opts[key])
         except ValueError:
             log(f"error while handling argument \"{key}\": invalid value {opts[key]!r}")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
     if opts["reranking"]:
         opts["embedding"] = True
         opts["pooling"] = "rank"
     if opts["pooling"] == "rank" and opts["embedding"]:
         opts["reranking"] = True
     opts["n_ctx"] = opts["ctx_size"] if opts["ctx_size"] > 0 else DEFAULT_N_CTX
-    opts["api_keys"] = [k for k in (opts["api_key"] or "").split(",") if k]
-    opts["model_name"] = opts["alias"] or os.path.basename(opts["model"])
+    opts["model_name"] = os.path.basename(opts["model"])
     return opts
 
 
@@ -306,9 +272,9 @@ class State:
         self.ready = threading.Event()
         self.tokens = _env_tokens()
         self.token_delay = max(_env_float("FAKE_LLAMA_TOKEN_DELAY", 0.01), 0.0)
-        self.first_token_delay = max(_env_float("FAKE_LLAMA_FIRST_TOKEN_DELAY", 0.0), 0.0)
+        self.tokenize_delay = max(_env_float("FAKE_LLAMA_TOKENIZE_DELAY", 0.0), 0.0)
+        self.tokenize_delay_if = os.environ.get("FAKE_LLAMA_TOKENIZE_DELAY_IF", "")
         self.crash_mid_stream = _env_int("FAKE_LLAMA_CRASH_MID_STREAM")
-        self.embed_dim = max(_env_int("FAKE_LLAMA_EMBED_DIM", 8), 1)
         self.started = time.time()
 
 
@@ -341,7 +307,7 @@ def tokenize(text):
     pieces = split_tokens(text)
     ids = [token_id(p) for p in pieces]
     with _pieces_lock:
-        for i, p in zip(ids, pieces):
+        for i, p in zip(ids, pieces, strict=True):
             _pieces[i] = p
     return ids, pieces
 
@@ -439,7 +405,7 @@ class FakeHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
-        if isinstance(exc, DISCONNECT_ERRORS + (TimeoutError,)):
+        if isinstance(exc, (*DISCONNECT_ERRORS, TimeoutError)):
             return
         log(f"srv  handle_error: exception while serving {client_address}: {exc!r}")
 
@@ -510,7 +476,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         except DISCONNECT_ERRORS:
-            raise ClientGone("write_error")
+            raise ClientGone("write_error") from None
 
     def _wait_or_gone(self, seconds):
         """Sleep `seconds`, raising ClientGone as soon as the client closes its end."""
@@ -526,7 +492,7 @@ class Handler(BaseHTTPRequestHandler):
                 except BlockingIOError:
                     peek = b"x"
                 except OSError:
-                    raise ClientGone("eof")
+                    raise ClientGone("eof") from None
                 if not peek:
                     raise ClientGone("eof")
                 # the client sent more bytes (a pipelined request): it is still there
@@ -579,14 +545,6 @@ class Handler(BaseHTTPRequestHandler):
             if not st.ready.is_set():
                 self.send_json(503, error_body("Loading model", "unavailable_error", 503))
                 return
-            if st.opts["api_keys"] and path not in ("/health", "/v1/health"):
-                key = self.headers.get("Authorization") or self.headers.get("X-Api-Key") or ""
-                if key.startswith("Bearer "):
-                    key = key[len("Bearer "):]
-                if key not in st.opts["api_keys"]:
-                    log("srv  operator(): unauthorized: Invalid API Key")
-                    self.send_json(401, error_body("Invalid API Key", "authentication_error", 401))
-                    return
             route = ROUTES.get((self.command, path))
             if route is None:
                 self.send_json(404, error_body("File Not Found", "not_found_error", 404))
@@ -603,7 +561,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
         except DISCONNECT_ERRORS:
             self.close_connection = True
-        except Exception as e:  # a bug in the fake: answer like ex_wrapper does
+        except Exception as e:  # noqa: BLE001 - a bug in the fake: answer like ex_wrapper does
             log(f"srv  operator(): got exception: {e!r}")
             try:
                 self.send_json(500, error_body(str(e), "server_error", 500))
@@ -620,7 +578,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {
             "default_generation_settings": {"n_ctx": o["n_ctx"], "params": {}},
             "total_slots": o["parallel"],
-            "model_alias": o["model_name"],
             "model_path": o["model"],
             "modalities": {"vision": False, "audio": False},
             "chat_template": CHAT_TEMPLATE,
@@ -639,24 +596,17 @@ class Handler(BaseHTTPRequestHandler):
             "data": [model_info(self.state)],
         })
 
-    def get_metrics(self, body):
-        if not self.state.opts["metrics"]:
-            raise RequestError(501, error_body(
-                "This server does not support metrics endpoint. Start it with `--metrics`",
-                "not_supported_error", 501))
-        self.send_text(200, "# fake llama-server\nllamacpp:requests_processing 0\n")
-
     def post_tokenize(self, body):
         tokens = []
         if "content" in body:
             content = body["content"]
             if not isinstance(content, str):
                 content = " ".join(str(c) for c in content) if isinstance(content, list) else str(content)
+            if self.state.tokenize_delay and self.state.tokenize_delay_if in content:
+                time.sleep(self.state.tokenize_delay)
             ids, pieces = tokenize(content)
-            if body.get("with_pieces"):
-                tokens = [{"id": i, "piece": p} for i, p in zip(ids, pieces)]
-            else:
-                tokens = ids
+            with_pieces = [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]
+            tokens = with_pieces if body.get("with_pieces") else ids
         self.send_json(200, {"tokens": tokens})
 
     def post_detokenize(self, body):
@@ -667,7 +617,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             prompt = render_chat(body.get("messages"))
         except ValueError as e:
-            raise RequestError(400, error_body(str(e), "invalid_request_error", 400))
+            raise RequestError(400, error_body(str(e), "invalid_request_error", 400)) from None
         self.send_json(200, {"prompt": prompt})
 
     # -- embeddings and rerank ---------------------------------------------
@@ -718,7 +668,7 @@ class Handler(BaseHTTPRequestHandler):
         if oai:
             data, n = [], 0
             for i, t in enumerate(texts):
-                data.append({"embedding": embedding_for(t, st.embed_dim), "index": i, "object": "embedding"})
+                data.append({"embedding": embedding_for(t, EMBED_DIM), "index": i, "object": "embedding"})
                 n += count_tokens(t)
             self.send_json(200, {"model": body.get("model", o["model_name"]), "object": "list",
                                  "usage": {"prompt_tokens": n, "total_tokens": n}, "data": data})
@@ -726,9 +676,9 @@ class Handler(BaseHTTPRequestHandler):
         out = []
         for i, t in enumerate(texts):
             if o["pooling"] == "none":
-                rows = [embedding_for(p, st.embed_dim) for p in split_tokens(t)]
+                rows = [embedding_for(p, EMBED_DIM) for p in split_tokens(t)]
             else:
-                rows = [embedding_for(t, st.embed_dim)]
+                rows = [embedding_for(t, EMBED_DIM)]
             out.append({"index": i, "embedding": rows})
         self.send_json(200, out)
 
@@ -779,9 +729,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             prompt = render_chat(body.get("messages"))
         except ValueError as e:
-            raise RequestError(400, error_body(str(e), "invalid_request_error", 400))
+            raise RequestError(400, error_body(str(e), "invalid_request_error", 400)) from None
         if o["embedding"]:
-            log("srv    send_error: task id = 0, error: the current context does not support logits computation. skipping")
+            log("srv    send_error: task id = 0, error: the current context does not support logits "
+                "computation. skipping")
             raise RequestError(500, error_body(
                 "the current context does not support logits computation. skipping", "server_error", 500))
         n_prompt = count_tokens(prompt)
@@ -822,11 +773,9 @@ class Handler(BaseHTTPRequestHandler):
         os._exit(4)
 
     def _timings(self, ctx, started, n):
-        prompt_ms = self.state.first_token_delay * 1000.0
-        gen_ms = max((time.monotonic() - started) * 1000.0 - prompt_ms, 1e-3)
-        return {"cache_n": 0, "prompt_n": ctx["n_prompt"], "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / max(ctx["n_prompt"], 1),
-                "prompt_per_second": ctx["n_prompt"] / (prompt_ms / 1000.0) if prompt_ms else 0.0,
+        gen_ms = max((time.monotonic() - started) * 1000.0, 1e-3)
+        return {"cache_n": 0, "prompt_n": ctx["n_prompt"], "prompt_ms": 0.0,
+                "prompt_per_token_ms": 0.0, "prompt_per_second": 0.0,
                 "predicted_n": n, "predicted_ms": gen_ms,
                 "predicted_per_token_ms": gen_ms / max(n, 1),
                 "predicted_per_second": n / (gen_ms / 1000.0)}
@@ -847,7 +796,6 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         started = time.monotonic()
         try:
-            self._wait_or_gone(st.first_token_delay)
             self.send_response(200)
             self._common_headers()
             self.send_header("Content-Type", "text/event-stream")
@@ -856,7 +804,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self.end_headers()
             except DISCONNECT_ERRORS:
-                raise ClientGone("write_error")
+                raise ClientGone("write_error") from None
             self._write_chunk(_sse(self._chunk(ctx, {"role": "assistant", "content": None})))
             if st.crash_mid_stream == 0:
                 self._crash_mid_stream(0)
@@ -882,7 +830,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self.wfile.write(b"0\r\n\r\n")
             except DISCONNECT_ERRORS:
-                raise ClientGone("write_error")
+                raise ClientGone("write_error") from None
         except ClientGone as gone:
             self.close_connection = True
             st.events.emit("client_disconnected", tokens_sent=sent, stream=True, how=gone.how)
@@ -895,7 +843,6 @@ class Handler(BaseHTTPRequestHandler):
         made = 0
         started = time.monotonic()
         try:
-            self._wait_or_gone(st.first_token_delay)
             if st.crash_mid_stream == 0:
                 self._crash_mid_stream(0)
             for _ in ctx["tokens"]:
@@ -925,7 +872,7 @@ def model_info(state):
     return {"id": o["model_name"], "aliases": [], "tags": [], "object": "model",
             "created": int(time.time()), "owned_by": "llamacpp",
             "meta": {"vocab_type": 2, "n_vocab": 50100, "n_ctx": o["n_ctx"],
-                     "n_ctx_train": o["n_ctx"], "n_embd": state.embed_dim,
+                     "n_ctx_train": o["n_ctx"], "n_embd": EMBED_DIM,
                      "n_params": 0, "size": 0, "ftype": "fake"}}
 
 
@@ -935,7 +882,6 @@ ROUTES = {
     ("GET", "/props"): Handler.get_props,
     ("GET", "/models"): Handler.get_models,
     ("GET", "/v1/models"): Handler.get_models,
-    ("GET", "/metrics"): Handler.get_metrics,
     ("POST", "/tokenize"): Handler.post_tokenize,
     ("POST", "/detokenize"): Handler.post_detokenize,
     ("POST", "/apply-template"): Handler.post_apply_template,
@@ -954,60 +900,14 @@ ROUTES = {
 # ---------------------------------------------------------------------------
 # lifecycle
 
-def _notify_router(state, payload):
-    line = "\ncmd_child_to_router:state:" + json.dumps({"state": state, "payload": payload}) + "\n"
-    try:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def _watch_stdin(stop, stop_reason):
-    log("srv          run: child server monitoring thread started, waiting for EOF on stdin...")
-    while True:
-        try:
-            line = sys.stdin.buffer.readline()
-        except (OSError, ValueError):
-            line = b""
-        if not line:
-            log("srv          run: EOF on stdin detected, forcing shutdown...")
-            os._exit(1)
-        if b"cmd_router_to_child:exit" in line:
-            log("srv          run: exit command received, exiting...")
-            stop_reason.setdefault("reason", "router_exit")
-            stop.set()
-            return
-
-
-def _load_failure(opts, events, code, reason):
-    log(f"llama_model_load: error loading model: {reason}")
-    log(f"llama_model_load_from_file_impl: failed to load model")
-    log(f"srv    load_model: failed to load model, '{opts['model']}'")
-    log("srv   operator(): operator(): cleaning up before exit...")
-    log("main: exiting due to model loading error")
-    events.emit("start_failed", code=code, reason=reason)
-    os._exit(code)
-
-
-def _lifecycle(state, stop, stop_reason, router):
-    opts, events = state.opts, state.events
+def _lifecycle(state, stop):
     if stop.wait(max(_env_float("FAKE_LLAMA_START_DELAY", 0.05), 0.0)):
         return
     if _env_flag("FAKE_LLAMA_NEVER_READY"):
         return
-    fail_load = _env_int("FAKE_LLAMA_FAIL_LOAD")
-    if fail_load is not None:
-        _load_failure(opts, events, fail_load, "fake failure requested by FAKE_LLAMA_FAIL_LOAD")
-    if _env_flag("FAKE_LLAMA_REQUIRE_MODEL") and not os.path.isfile(opts["model"]):
-        _load_failure(opts, events, 1,
-                      f"gguf_init_from_file: failed to open GGUF file '{opts['model']}' (No such file or directory)")
     state.ready.set()
     log("srv   load_model: model loaded")
-    events.emit("ready")
-    if router:
-        threading.Thread(target=_watch_stdin, args=(stop, stop_reason), daemon=True).start()
-        _notify_router("ready", model_info(state))
+    state.events.emit("ready")
 
 
 def _crash_after(seconds, events):
@@ -1027,12 +927,6 @@ def main(argv=None):
         log(f"version: 0 ({BUILD_INFO})")
         return 0
 
-    pid_dir = os.environ.get("FAKE_LLAMA_PID_DIR")
-    if pid_dir:
-        os.makedirs(pid_dir, exist_ok=True)
-        with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
-            f.write(f"{os.getpid()}\n")
-
     events = EventLog(os.environ.get("FAKE_LLAMA_EVENT_LOG"))
     stop = threading.Event()
     stop_reason = {}
@@ -1050,16 +944,13 @@ def main(argv=None):
 
     fail_start = _env_int("FAKE_LLAMA_FAIL_START")
     if fail_start is not None:
-        log(f"gguf_init_from_file_impl: failed to read key-value pairs")
+        log("gguf_init_from_file_impl: failed to read key-value pairs")
         log(f"llama_model_load: error loading model: llama_model_loader: failed to load model from "
             f"{opts['model']} (fake failure requested by FAKE_LLAMA_FAIL_START)")
         log("llama_model_load_from_file_impl: failed to load model")
         log("main: exiting due to model loading error")
         events.emit("start_failed", code=fail_start, reason="FAKE_LLAMA_FAIL_START")
         return fail_start
-
-    if stop.wait(max(_env_float("FAKE_LLAMA_BIND_DELAY", 0.0), 0.0)):
-        return 0
 
     host = opts["host"]
     FakeHTTPServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1079,10 +970,7 @@ def main(argv=None):
     log(f"main: server is listening on http://{shown}:{port}")
     events.emit("listening", host=host)
 
-    router = os.environ.get("LLAMA_SERVER_ROUTER_PORT") is not None
-    if router:
-        _notify_router("loading", {"stages": ["text_model"], "current": "text_model", "value": 0.0})
-    threading.Thread(target=_lifecycle, args=(state, stop, stop_reason, router), daemon=True).start()
+    threading.Thread(target=_lifecycle, args=(state, stop), daemon=True).start()
     crash_after = _env_float("FAKE_LLAMA_CRASH_AFTER", None)
     if crash_after is not None:
         threading.Thread(target=_crash_after, args=(crash_after, events), daemon=True).start()

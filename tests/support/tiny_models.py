@@ -33,7 +33,15 @@ Nothing is downloaded.
     ``/v1/rerank`` returns one raw-logit score per document. The scores are
     meaningless but deterministic for a given query/document pair.
 
-All three are pure functions of their path: the same bytes on every run
+``write_stub_model(path)``
+    A few-KB GGUF file whose header is whole and valid (a ``llama``
+    architecture with a context length, width, layers and heads, and one
+    small tensor) but which is no model: zenow's header check passes it,
+    the real llama-server refuses to load it (hyperparameters and tensors
+    missing). For the fake llama-server, which never opens the file, and for
+    a file that "looks fine but does not start".
+
+All four are pure functions of their path: the same bytes on every run
 (fixed seeds, float32 tensors). They create missing parent directories and
 write through a temporary file, so a reader never sees half a model.
 """
@@ -54,6 +62,7 @@ __all__ = [
     "LLAMA_CHAT_TEMPLATE",
     "write_tiny_bert_embedding",
     "write_tiny_bert_reranker",
+    "write_stub_model",
     "write_tiny_llama",
 ]
 
@@ -318,3 +327,25 @@ def write_tiny_bert_embedding(path: pathlib.Path) -> pathlib.Path:
 def write_tiny_bert_reranker(path: pathlib.Path) -> pathlib.Path:
     """Write the tiny BERT cross-encoder (pooling RANK, one logit) to ``path``; return ``path``."""
     return _write_tiny_bert(path, reranker=True)
+
+
+# ---------------------------------------------------------------------------
+# a valid header, no model
+
+
+def write_stub_model(path: pathlib.Path, *, context_length: int = 4096, block_count: int = 2,
+                     embedding_length: int = 64, head_count: int = 4, head_count_kv: int = 4,
+                     name: str = "zenow-stub") -> pathlib.Path:
+    """Write a small GGUF file with a valid header that is not a loadable model; return ``path``."""
+
+    def fill(w: gguf.GGUFWriter) -> None:
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_context_length(context_length)
+        w.add_embedding_length(embedding_length)
+        w.add_block_count(block_count)
+        w.add_head_count(head_count)
+        w.add_head_count_kv(head_count_kv)
+        w.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
+
+    return _write(path, "llama", fill)
