@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
+import sqlite3
+import time
 
 import httpx
 import pytest
 import trio
 
+from tests.support.file_server import FileServer
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
-from tests.support.llama import FAKE_LLAMA_SERVER, alive, llama_children
+from tests.support.llama import FAKE_LLAMA_SERVER, alive, cmdline, llama_children
+from tests.support.tiny_models import write_stub_model
 
 
-def gguf(folder, name, body=b"\0" * 64):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.gguf"
-    path.write_bytes(b"GGUF" + body)
-    return path
+def gguf(folder, name, **header):
+    """A model file with a valid GGUF header (the fake llama-server never reads it)."""
+    return write_stub_model(folder / f"{name}.gguf", name=name, **header)
 
 
 @pytest.fixture
@@ -99,7 +103,13 @@ async def test_a_crash_during_load_is_an_error_a_user_can_act_on(nursery, fake_s
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(b"NOTGGUF-a-text-file", "Not a GGUF model file"), (None, "Model file not found")],
+    [
+        (b"NOTGGUF-a-text-file", "Not a GGUF model file"),
+        (None, "Model file not found"),
+        (b"GGUF" + random.Random(17).randbytes(300), "Broken GGUF model file"),
+        ("truncated", "truncated: an incomplete download?"),
+    ],
+    ids=["not-gguf", "missing", "magic-then-garbage", "truncated"],
 )
 async def test_a_bad_file_keeps_the_previous_model_running(nursery, fake_settings, home, content, expected):
     bad = gguf(home / "models" / "llm", "bad")  # registered from the folder at start
@@ -108,6 +118,8 @@ async def test_a_bad_file_keeps_the_previous_model_running(nursery, fake_setting
         (running,) = llama_children(os.getpid())
         if content is None:
             bad.unlink()
+        elif content == "truncated":
+            bad.write_bytes(bad.read_bytes()[:-100])
         else:
             bad.write_bytes(content)
         answer = await load(zenow.client, "bad")
@@ -157,9 +169,7 @@ async def test_sigkill_of_zenow_leaves_no_child(nursery, home):
     (child,) = llama_children(zenow.process.pid)
     zenow.process.send_signal(signal.SIGKILL)
     await zenow.process.wait()
-    with trio.fail_after(1.0):
-        while alive(child):
-            await trio.sleep(0.02)
+    await wait_for(lambda: _async(not alive(child)), timeout=1.0, interval=0.02, what="the child to die with zenow")
 
 
 async def test_no_llama_server_is_reported(nursery, home):
@@ -198,6 +208,11 @@ async def test_load_validation(client):
         ("llm", {"threads": 0}, "threads"),
         ("llm", {"context_size": -1}, "context_size"),
         ("llm", {"max_tokens": 0}, "max_tokens"),
+        ("llm", {"max_tokens": 10**12}, "max_tokens"),
+        ("llm", {"threads": len(os.sched_getaffinity(0)) + 1}, "CPU cores available"),
+        ("llm", {"context_size": 131_073}, "context_size: 131073 is more than 131072"),
+        ("llm", {"system_prompt": "x" * 100_001}, "system_prompt"),
+        ("llm", {"temperature": 0.5, "allow_context_overflow": True}, "allow_context_overflow"),
         ("llm", {"batch_size": "big"}, "batch_size"),
         ("embed", {"temperature": 0.5}, "temperature"),
         ("embed", {"normalize": "yes"}, "normalize"),
@@ -215,10 +230,12 @@ async def test_update_param_validation(client, mode, body, field):
 
 async def test_parameter_defaults_follow_the_spec(client):
     llm = (await client.get("/api/models/get_param")).json()
-    assert {k: llm[k] for k in ("context_size", "gpu_layers", "batch_size", "temperature", "repeat_penalty", "max_tokens")} == {
-        "context_size": 8192, "gpu_layers": 0, "batch_size": 512, "temperature": 0.7, "repeat_penalty": 1.1, "max_tokens": 2048,
+    spec_keys = ("context_size", "gpu_layers", "batch_size", "temperature", "repeat_penalty", "max_tokens")
+    assert {k: llm[k] for k in spec_keys} == {
+        "context_size": 8192, "gpu_layers": 0, "batch_size": 512, "temperature": 0.7, "repeat_penalty": 1.1,
+        "max_tokens": 2048,
     }
-    assert llm["threads"] >= 1 and llm["system_prompt"]
+    assert llm["threads"] == min(8, len(os.sched_getaffinity(0))) and llm["system_prompt"]
     embed = (await client.get("/api/models/get_param", params={"mode": "embed"})).json()
     assert set(embed) == {"context_size", "threads", "gpu_layers", "batch_size", "normalize", "truncate"}
     assert embed["normalize"] is True and embed["truncate"] is True
@@ -233,3 +250,183 @@ async def test_loading_the_running_model_again_keeps_its_server(nursery, fake_se
         again = await load(zenow.client, "alpha")
         assert again.json()["server_status"] == "running"
         assert llama_children(os.getpid()) == [child]
+
+
+# ---------------------------------------------------------------- long work stays out of the mailbox
+
+
+@pytest.fixture
+async def files(nursery):
+    server = FileServer()
+    await server.start(nursery)
+    return server
+
+
+def fake_events(path, kind):
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in found if e["event"] == kind]
+
+
+class HeldDownload:
+    """A load of model `remote` whose download stops halfway until `finish()`."""
+
+    def __init__(self, zenow, files, tmp_path):
+        self.zenow = zenow
+        data = write_stub_model(tmp_path / "remote-source.gguf", name="remote").read_bytes()
+        self.served = files.add("/remote.gguf", data, holds=[len(data) // 2])
+        self.url = files.url("/remote.gguf")
+        self.half = len(data) // 2
+        self.answer = None
+        self.done = trio.Event()
+
+    async def start(self, nursery):
+        async def run():
+            self.answer = await self.zenow.client.post(
+                "/api/models/load", json={"model_name": "remote", "download_url": self.url})
+            self.done.set()
+
+        nursery.start_soon(run)
+
+        async def held():
+            return self.served.sent >= self.half
+
+        await wait_for(held, timeout=10, what="the download to reach its hold")
+
+    async def finish(self):
+        assert not self.done.is_set(), "the load ended while its download was held"
+        self.served.release.set()
+        with trio.fail_after(20):
+            await self.done.wait()
+        assert self.answer.status_code == 200, self.answer.text
+        assert self.answer.json()["model_name"] == "remote"
+
+
+async def test_a_crash_during_a_long_download_is_reported_and_restarted_within_a_second(
+        nursery, home, files, tmp_path, monkeypatch):
+    events = tmp_path / "fake-events.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_EVENT_LOG", str(events))
+    settings = make_settings(home, llama_server=str(FAKE_LLAMA_SERVER), stop_grace=1.0, restart_backoff=0.05)
+    async with start_zenow(nursery, settings) as zenow, trio.open_nursery() as background:
+        monkeypatch.setenv("FAKE_LLAMA_CRASH_AFTER", "1.0")
+        assert (await load(zenow.client, "alpha")).json()["server_status"] == "running"
+        monkeypatch.delenv("FAKE_LLAMA_CRASH_AFTER")  # the restarted child stays up
+        download = HeldDownload(zenow, files, tmp_path)
+        await download.start(background)
+
+        (crash,) = await wait_for(lambda: _async(fake_events(events, "crash")), timeout=10, what="the crash")
+        error = await wait_status(zenow.client, "error", timeout=5)
+        assert time.time() - crash["time"] < 1.0
+        assert error["model_name"] == "alpha" and "GGML_ASSERT" in error["error_message"]
+        await wait_status(zenow.client, "running", timeout=5)
+        assert time.time() - crash["time"] < 1.0
+        assert not download.done.is_set()  # the download was held all along
+        await download.finish()
+        assert (await status(zenow.client))["model_name"] == "remote"
+
+
+async def test_parameters_are_updated_during_a_long_download(nursery, fake_settings, files, tmp_path):
+    async with start_zenow(nursery, fake_settings) as zenow, trio.open_nursery() as background:
+        await load(zenow.client, "alpha")
+        (before,) = llama_children(os.getpid())
+        download = HeldDownload(zenow, files, tmp_path)
+        await download.start(background)
+        with trio.fail_after(2):
+            client_side = await zenow.client.post("/api/models/update_param", json={"temperature": 0.3})
+            server_side = await zenow.client.post("/api/models/update_param", json={"batch_size": 256})
+        assert client_side.json()["requires_restart"] is False
+        assert server_side.json()["requires_restart"] is True
+        (after,) = llama_children(os.getpid())
+        assert after != before and cmdline(after)[cmdline(after).index("-b") + 1] == "256"
+        assert (await status(zenow.client))["status"] == "running"
+        await download.finish()
+
+
+async def _async(value):
+    return value
+
+
+# ---------------------------------------------------------------- bounds: the model's context, memory, cores
+
+
+async def test_a_context_beyond_the_trained_one_needs_the_override_and_it_is_kept(nursery, fake_settings):
+    async with start_zenow(nursery, fake_settings) as zenow:
+        client = zenow.client
+        await load(client, "alpha")  # a header saying 4096 tokens; the default context_size is 8192
+        (child,) = llama_children(os.getpid())
+        assert cmdline(child)[cmdline(child).index("-c") + 1] == "4096"
+
+        refused = await client.post("/api/models/update_param", json={"context_size": 8192})
+        assert refused.status_code == 400
+        assert refused.json()["detail"] == (
+            'context_size: 8192 is more than the 4096 tokens alpha was trained for; '
+            'add "allow_context_overflow": true to the update to use it anyway')
+
+        forced = await client.post("/api/models/update_param",
+                                   json={"context_size": 8192, "allow_context_overflow": True})
+        assert forced.json()["requires_restart"] is True
+        (child,) = llama_children(os.getpid())
+        assert cmdline(child)[cmdline(child).index("-c") + 1] == "8192"
+        params = (await client.get("/api/models/get_param")).json()
+        assert params["context_size"] == 8192 and "allow_context_overflow" not in params
+
+    async with start_zenow(nursery, fake_settings) as zenow:  # the override is remembered
+        await wait_status(zenow.client, "running")
+        (child,) = llama_children(os.getpid())
+        assert cmdline(child)[cmdline(child).index("-c") + 1] == "8192"
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """The memory zenow sees as available: a dict to change during a test."""
+    available = {"bytes": 64 * 2**30}
+    monkeypatch.setattr("zenow.servers._memory.mem_available", lambda: available["bytes"])
+    return available
+
+
+async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_model_kept(
+        nursery, fake_settings, home, memory):
+    gguf(home / "models" / "llm", "huge", context_length=131072, block_count=32, embedding_length=4096,
+         head_count=32, head_count_kv=8)
+    async with start_zenow(nursery, fake_settings) as zenow:
+        client = zenow.client
+        await load(client, "alpha")
+        wide = await client.post("/api/models/update_param",
+                                 json={"context_size": 131072, "allow_context_overflow": True})
+        assert wide.status_code == 200
+        (running,) = llama_children(os.getpid())
+        memory["bytes"] = 8 * 2**30
+        answer = await load(client, "huge")
+        assert answer.status_code == 400
+        detail = answer.json()["detail"]
+        # 32 layers x 131072 tokens x 8 kv heads x (128 + 128) x 2 bytes = 16 GiB of KV cache alone
+        assert detail.startswith("Loading huge with context 131072 needs about 17.9 GiB of memory, only 8.0 GiB")
+        assert llama_children(os.getpid()) == [running]
+        assert (await status(client))["model_name"] == "alpha"
+        assert (await client.get("/api/models/current")).json()["name"] == "alpha"
+
+        memory["bytes"] = 100 * 2**20  # now not even alpha fits again: a restart is refused
+        before = (await client.get("/api/models/get_param")).json()
+        restart = await client.post("/api/models/update_param", json={"batch_size": 256})
+        assert restart.status_code == 400 and restart.json()["detail"].startswith("Loading alpha with context 131072")
+        assert (await client.get("/api/models/get_param")).json() == before
+        assert llama_children(os.getpid()) == [running]
+
+
+async def test_stored_parameters_that_are_bad_now_are_reported_and_replaced(nursery, fake_settings, caplog):
+    async with start_zenow(nursery, fake_settings) as zenow:
+        await zenow.client.post("/api/models/update_param", json={"temperature": 0.3})
+    with sqlite3.connect(fake_settings.database_path) as db:  # what an older zenow, or a hand, may leave
+        db.executemany("INSERT OR REPLACE INTO parameters (mode, key, value) VALUES ('llm', ?, ?)", [
+            ("system_prompt", json.dumps("broken \ud800")), ("threads", '"four"'),
+            ("context_size", "99999999"), ("max_tokens", "1000000000000"),
+        ])
+    async with start_zenow(nursery, fake_settings) as zenow:
+        params = (await zenow.client.get("/api/models/get_param")).json()
+        assert params["temperature"] == 0.3  # the good value is kept
+        assert params["system_prompt"] == fake_settings.system_prompt
+        assert (params["threads"], params["context_size"], params["max_tokens"]) == (
+            min(8, len(os.sched_getaffinity(0))), 8192, 2048)
+    warned = [r.getMessage() for r in caplog.records if "llm parameters" in r.getMessage()]
+    assert len(warned) == 4 and any("system_prompt" in w for w in warned)

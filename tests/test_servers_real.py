@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 
@@ -10,8 +11,9 @@ import httpx
 import pytest
 import trio
 
-from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_status
+from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
 from tests.support.llama import alive, cmdline, llama_children
+from tests.support.tiny_models import write_stub_model
 
 pytestmark = pytest.mark.real_llama
 
@@ -94,14 +96,16 @@ async def test_switching_the_llm_model_replaces_the_child(nursery, tmp_path, lla
         assert (await zenow.client.get("/api/models/current")).json()["name"] == "tiny-llama"
 
 
-async def test_a_server_parameter_restarts_the_server_and_a_client_one_does_not(nursery, tmp_path, llama_server, smollm2):
+async def test_a_server_parameter_restarts_the_server_and_a_client_one_does_not(
+        nursery, tmp_path, llama_server, smollm2):
     settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
     async with start_zenow(nursery, settings) as zenow:
         client = zenow.client
         await wait_status(client, "running", "llm")
         before = the_child("llm")
         answer = await client.post("/api/models/update_param", params={"mode": "llm"}, json={"context_size": 1024})
-        assert answer.json() == {"success": True, "message": "Parameters updated successfully", "requires_restart": True}
+        assert answer.json() == {
+            "success": True, "message": "Parameters updated successfully", "requires_restart": True}
         after = the_child("llm")
         assert after != before and not alive(before)
         argv = cmdline(after)
@@ -116,7 +120,8 @@ async def test_a_server_parameter_restarts_the_server_and_a_client_one_does_not(
         assert params["repeat_penalty"] == 1.1  # untouched keys keep their values
 
 
-async def test_models_and_parameters_come_back_after_a_restart_of_zenow(nursery, tmp_path, llama_server, smollm2, tiny_models):
+async def test_models_and_parameters_come_back_after_a_restart_of_zenow(
+        nursery, tmp_path, llama_server, smollm2, tiny_models):
     home = tmp_path / "home"
     place(home, "llm", tiny_models["llm"])
     place(home, "embed", tiny_models["embed"])
@@ -169,6 +174,55 @@ async def test_the_child_lives_as_long_as_zenow_and_dies_with_it(nursery, tmp_pa
         assert (await status(client))["status"] == "running"
     zenow.process.send_signal(signal.SIGKILL)
     await zenow.process.wait()
-    with trio.fail_after(1.0):
-        while alive(child):
-            await trio.sleep(0.02)
+
+    async def gone():
+        return not alive(child)
+
+    await wait_for(gone, timeout=1.0, interval=0.02, what="the child to die with zenow")
+
+
+async def test_a_broken_model_file_never_costs_the_mode_its_running_model(nursery, tmp_path, llama_server, tiny_models):
+    home = tmp_path / "home"
+    place(home, "embed", tiny_models["embed"])
+    broken = home / "models" / "embed" / "broken.gguf"
+    broken.write_bytes(b"GGUF" + random.Random(3).randbytes(4096))  # the magic, then garbage
+    write_stub_model(home / "models" / "embed" / "hollow.gguf")  # a whole header, no model behind it
+    async with start_zenow(nursery, make_settings(home, llama_server=llama_server)) as zenow:
+        client = zenow.client
+        await client.post("/api/models/update_param", params={"mode": "embed"}, json={"context_size": 512})
+        loaded = await client.post("/api/models/load", json={"model_name": "tiny-bert-embed", "mode": "embed"})
+        assert loaded.status_code == 200, loaded.text
+        serving = the_child("--embedding")
+
+        refused = await client.post("/api/models/load", json={"model_name": "broken", "mode": "embed"})
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith(f"Broken GGUF model file {broken}: unsupported GGUF version")
+        assert the_child("--embedding") == serving  # never touched
+
+        failed = await client.post("/api/models/load", json={"model_name": "hollow", "mode": "embed"})
+        assert failed.status_code == 500
+        detail = failed.json()["detail"]
+        assert detail.startswith("llama-server exited during startup with code 1: error loading model")
+        assert detail.endswith("; tiny-bert-embed, which ran before, is running again")
+        assert "\n" not in detail and "0.00." not in detail  # the reason, not the log
+        embed = await status(client, "embed")
+        assert (embed["status"], embed["model_name"]) == ("running", "tiny-bert-embed")
+        current = (await client.get("/api/models/current", params={"mode": "embed"})).json()
+        assert current["name"] == "tiny-bert-embed"  # the file that failed is not made current
+        async with httpx.AsyncClient(timeout=30) as direct:
+            vectors = await direct.post(f"http://127.0.0.1:{child_port(the_child('--embedding'))}/v1/embeddings",
+                                        json={"input": ["still serving"]})
+        assert len(vectors.json()["data"][0]["embedding"]) == 64
+
+
+async def test_a_model_starts_with_at_most_the_context_it_was_trained_for(nursery, tmp_path, llama_server, tiny_models):
+    home = tmp_path / "home"
+    place(home, "llm", tiny_models["llm"])  # trained for 4096 tokens; context_size stays at its 8192 default
+    async with start_zenow(nursery, make_settings(home, llama_server=llama_server)) as zenow:
+        loaded = await zenow.client.post("/api/models/load", json={"model_name": "tiny-llama"})
+        assert loaded.status_code == 200, loaded.text
+        argv = cmdline(the_child("llm"))
+        assert argv[argv.index("-c") + 1] == "4096"
+        assert (await zenow.client.get("/api/models/get_param")).json()["context_size"] == 8192
+        refused = await zenow.client.post("/api/models/update_param", json={"context_size": 6000})
+        assert refused.status_code == 400 and "4096 tokens tiny-llama was trained for" in refused.json()["detail"]

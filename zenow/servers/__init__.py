@@ -1,4 +1,8 @@
-"""Server actors: one per mode (llm, embed, rerank), each owning one llama-server child."""
+"""Server actors: one per mode (llm, embed, rerank), each owning one llama-server child.
+
+Also the GGUF header reader (`read_gguf_info`, `GGUFInfo`, `has_gguf_magic`): what a
+model file says about itself, and whether llama-server can read it.
+"""
 
 from ._actor import ServerActor as ServerActor
 from ._actor import ServerBoard as ServerBoard
@@ -6,4 +10,8 @@ from ._actor import ServerHandle as ServerHandle
 from ._actor import ServerStatus as ServerStatus
 from ._binary import LLAMA_CPP_PYTHON_VERSION as LLAMA_CPP_PYTHON_VERSION
 from ._binary import find_llama_server as find_llama_server
+from ._gguf import GGUF_MAGIC as GGUF_MAGIC
+from ._gguf import GGUFInfo as GGUFInfo
+from ._gguf import has_gguf_magic as has_gguf_magic
+from ._gguf import read_gguf_info as read_gguf_info
 from ._params import SERVER_KEYS as SERVER_KEYS

@@ -2,15 +2,24 @@
 
 States (the spec's): not_started → starting → running; a child that exits while
 it should run, or never becomes healthy, gives `error` (with the exit code and
-the last lines it printed) and is restarted with exponential backoff (1 s doubling
-to 30 s; `Settings.restart_backoff` is the first delay) until it fails `MAX_FAST_FAILURES` times without staying up for
-`STABLE_AFTER` seconds; then it stays in `error` until the next load.
+why it failed, from the last lines it printed) and is restarted with exponential
+backoff (`Settings.restart_backoff` doubling to 30 s) until it fails
+`MAX_FAST_FAILURES` times without staying up for `STABLE_AFTER` seconds; then it
+stays in `error` until the next load.
 
-The actor is the only writer of its state.  Loads, parameter updates and
-restarts are messages handled one at a time, so concurrent loads for one mode
-are serialized, while the modes never wait for each other.  What routes read
-is a published snapshot (`ServerBoard`), so status answers at once even while
-a load is in progress.
+The actor is the only writer of its state, and its mailbox only ever waits for
+the child: loads, parameter updates and restarts are messages handled one at a
+time, so concurrent loads for one mode are serialized while the modes never wait
+for each other.  Long work stays out of the mailbox: `ServerHandle.load` finds or
+downloads the model and reads its GGUF header in the caller's task, and the
+restart timer reads the header in its own task, before the actor is asked to
+decide.  What routes read is a published snapshot (`ServerBoard`), so status
+answers at once even while a load is in progress.
+
+A load never costs the mode the model it serves unless the new one runs: a file
+whose header is broken, or that would not fit in memory, is refused before the
+running child is touched; a file llama-server fails to start gets the previous
+model started again, and is not made the mode's current model.
 """
 
 from __future__ import annotations
@@ -20,21 +29,34 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import InvalidModelFile, ModelNotFound, ServerStartFailed, ZenowError
-from ..settings import Settings
+from ..errors import InvalidModelFile, InvalidRequest, ModelNotFound, ServerStartFailed, ZenowError
+from ..settings import Mode, Settings
 from ..store import ModelInfo, Store
+from . import _memory
 from ._binary import find_llama_server
-from ._gguf import check_model_file
-from ._params import SERVER_KEYS, defaults_for, validate_update
+from ._gguf import GGUFInfo, read_gguf_info
+from ._params import (
+    SERVER_KEYS,
+    Bounds,
+    defaults_for,
+    effective_context,
+    restore_stored,
+    validate_update,
+)
+from ._reason import failure_reason
 from ._spawn import spawn_owned, terminate, wait_exit
+
+if TYPE_CHECKING:  # a type only: downloads must stay importable from anywhere servers is
+    from ..downloads import Downloads
 
 __all__ = ["ServerActor", "ServerBoard", "ServerHandle", "ServerStatus"]
 
@@ -58,6 +80,9 @@ class ServerStatus:
     error_message: str | None = None
     #: http://127.0.0.1:PORT while running; not part of the spec's shape.
     endpoint: str | None = None
+    #: The context (tokens) the running child was started with: `context_size`, or less when
+    #: the model was trained for less (see `_params`); not part of the spec's shape.
+    context_size: int | None = None
 
     @property
     def is_running(self) -> bool:
@@ -79,15 +104,30 @@ class ServerBoard:
 
     status: ServerStatus = field(default_factory=ServerStatus)
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: What the header of the model the mode runs (or last tried to run) says.
+    model_info: GGUFInfo | None = None
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
 
 
+@dataclass(frozen=True)
+class _Model:
+    """A model file, checked: its registry entry and what its header says."""
+
+    record: ModelInfo
+    info: GGUFInfo
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
 @dataclass
 class _Child:
     generation: int
-    model: ModelInfo
+    model: _Model
+    n_ctx: int
     port: int
     process: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
@@ -98,8 +138,9 @@ class _Child:
     done: trio.Event = field(default_factory=trio.Event)
     running_since: float | None = None
 
-    def last_lines(self, n: int = 8) -> str:
-        return "\n".join(list(self.tail)[-n:])
+    def reason(self) -> str:
+        """Why it failed, from the last lines it printed ("" when it printed nothing)."""
+        return failure_reason(self.tail)
 
 
 def free_port() -> int:
@@ -109,34 +150,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
 class ServerActor(Actor):
-    def __init__(self, mode: str, settings: Settings, store: Store, board: ServerBoard,
-                 downloads: Any = None) -> None:
+    """Owns one mode's llama-server child, its status and its parameters.
+
+    `memory` says how many bytes a new child may use (default: MemAvailable from
+    /proc/meminfo); `cores` how many CPU cores zenow may use (default: its affinity).
+    `downloads` is only handed on to a `ServerHandle` built without one.
+    """
+
+    def __init__(self, mode: Mode, settings: Settings, store: Store, board: ServerBoard,
+                 downloads: Downloads | None = None, *, memory: _memory.MemoryProbe | None = None,
+                 cores: int | None = None) -> None:
         self.mode = mode
         self.settings = settings
         self.store = store
         self.board = board
         self.downloads = downloads
+        self._memory = memory if memory is not None else _memory.mem_available
+        self._cores = cores if cores is not None else _memory.usable_cores()
         self._child: _Child | None = None
+        #: What this mode runs, or last tried to run (the model its parameters are bounded by).
+        self._model: _Model | None = None
         self._generation = 0
         self._failures: list[float] = []
         self._params: dict[str, Any] = {}
+        self._context_overflow = False
         self._log_path = settings.logs_dir / f"llama-server-{mode}.log"
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
 
     # ------------------------------------------------------------ lifecycle
 
     async def setup(self) -> None:
-        stored = await self.store.get_parameters(self.mode)
-        defaults = defaults_for(self.mode, self.settings.system_prompt)
-        self._params = {**defaults, **{k: v for k, v in stored.items() if k in defaults}}
-        self.board.parameters = dict(self._params)
+        await self._restore_parameters()
         await self._register_folder()
         current = await self.store.current_model(self.mode)
         if current is None and self.mode == "llm" and self.settings.default_llm is not None:
             current = await self._register_default(self.settings.default_llm)
         if current is not None:
-            self.self_ref.cast(ServerActor._boot, current)
+            self.board.publish(ServerStatus("starting", current.name, current.path))
+            self.nursery.start_soon(self._check_then, ServerActor._boot, self._generation, current, 0.0)
         else:
             self.board.publish(ServerStatus())
 
@@ -144,7 +200,22 @@ class ServerActor(Actor):
         # The child's own task terminates and reaps it when the nursery is cancelled.
         await self._http.aclose()
         if self.board.status.status in ("starting", "running"):
-            self.board.publish(replace(self.board.status, status="stopped", endpoint=None))
+            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None))
+
+    async def _restore_parameters(self) -> None:
+        """The stored parameters, each checked as an update would be; a bad one is logged and
+        its default used, so get_param always answers and a child never gets a bad flag."""
+        defaults = defaults_for(self.mode, self.settings.system_prompt, self._cores)
+        try:
+            stored = await self.store.get_parameters(self.mode)
+        except ZenowError as exc:
+            log.error("%s: cannot read the stored parameters (%s); using the defaults", self.mode, exc)
+            stored = {}
+        params, overflow, problems = restore_stored(self.mode, defaults, stored, Bounds(self._cores))
+        for problem in problems:
+            log.warning("%s parameters: %s", self.mode, problem)
+        self._params, self._context_overflow = params, overflow
+        self.board.parameters = dict(params)
 
     async def _register_folder(self) -> None:
         folder = self.settings.mode_dir(self.mode)
@@ -156,97 +227,124 @@ class ServerActor(Actor):
 
     async def _register_default(self, path: Path) -> ModelInfo | None:
         try:
-            size = await trio.to_thread.run_sync(check_model_file, path)
+            info = await trio.to_thread.run_sync(read_gguf_info, path)
         except ZenowError as exc:
             log.error("--default-llm: %s", exc)
             return None
-        model = await self.store.register_model("llm", path.stem, str(path.resolve()), None, size)
+        resolved = await trio.to_thread.run_sync(path.resolve)
+        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size)
         await self.store.set_current_model("llm", model.id)
         log.info("registered %s as the default llm model", path)
         return model
 
     # ------------------------------------------------------------ operations (messages)
 
-    async def _boot(self, model: ModelInfo) -> None:
-        """Start the current model at zenow start; a failure is reported in the status."""
-        try:
-            await self._switch_to(model)
-        except ZenowError as exc:
-            log.error("%s: could not start %s: %s", self.mode, model.name, exc)
+    async def load(self, model: ModelInfo, info: GGUFInfo) -> ServerStatus:
+        """Make `model` (whose header said `info`) the running model of this mode.
 
-    async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
-        """Make `model_name` the running model of this mode, downloading it first if needed.
-
-        Raises `ModelNotFound` (unknown name and no URL), `InvalidModelFile`,
-        `DownloadFailed`, or `ServerStartFailed`; then the mode reports why in its status.
+        Raises `InvalidRequest` when it would not fit in memory (nothing changed), or
+        `ServerStartFailed` when llama-server did not come up with it; then the model
+        that ran before runs again (the error says so), or, when none ran, the mode
+        reports why in its status.  Either way `model` is not made current.
         """
-        model = await self.store.find_model(self.mode, model_name)
-        if model is None or not model.is_downloaded:
-            if not download_url:
-                if model is None:
-                    raise ModelNotFound(
-                        f"Model {model_name!r} not found for mode {self.mode}; "
-                        "give a download_url to download it"
-                    )
-                raise InvalidModelFile(
-                    f"Model file not found: {model.path}; give a download_url to download it again"
-                )
-            if self.downloads is None:
-                raise ServerStartFailed("Downloads are not available")
-            filename = f"{model_name}.gguf"
-            await self.downloads.fetch(download_url, filename, self.mode)
-            model = await self.store.register_model(
-                self.mode, model_name, str(self.settings.mode_dir(self.mode) / filename), download_url
-            )
         current = self.board.status
         if current.status == "running" and current.model_path == model.path:
             await self.store.set_current_model(self.mode, model.id)
             return current  # already serving this model: nothing to restart
-        await self._switch_to(model)
+        await self._switch_to(_Model(model, info), fall_back=True)
         return self.board.status
 
     async def update_parameters(self, changes: dict[str, Any]) -> bool:
         """Apply a partial update; restart a live server if a server parameter changed.
 
         Returns whether a server parameter changed (`requires_restart`).  Raises
-        `InvalidRequest` naming the bad keys; then nothing changed.
+        `InvalidRequest` naming the bad keys, or saying the model would not fit in
+        memory with them; then nothing changed.
         """
-        merged = validate_update(self.mode, self._params, changes)
-        changed = {k for k in merged if merged[k] != self._params.get(k)}
-        await self.store.set_parameters(self.mode, {k: merged[k] for k in changes})
-        self._params = merged
-        self.board.parameters = dict(merged)
-        requires_restart = bool(changed & SERVER_KEYS)
+        update = validate_update(self.mode, self._params, changes, self._bounds(), self._context_overflow)
+        changed = {k for k in update.parameters if update.parameters[k] != self._params.get(k)}
+        requires_restart = bool(changed & SERVER_KEYS) or update.context_overflow != self._context_overflow
         child = self._child
-        if requires_restart and child is not None and self.board.status.status in ("starting", "running", "error"):
+        restart = requires_restart and child is not None and self.board.status.status in ("starting", "running")
+        if restart and child is not None:
+            n_ctx = effective_context(update.parameters["context_size"], child.model.info.context_length,
+                                      update.context_overflow)
+            await self._check_memory(child.model, n_ctx, param="context_size")
+        await self.store.set_parameters(self.mode, update.stored)
+        self._params, self._context_overflow = update.parameters, update.context_overflow
+        self.board.parameters = dict(update.parameters)
+        if restart and child is not None:
             try:
-                await self._switch_to(child.model)
+                await self._switch_to(child.model, fall_back=False)
             except ZenowError as exc:
                 log.error("%s: restart after a parameter change failed: %s", self.mode, exc)
         return requires_restart
+
+    async def _boot(self, generation: int, model: ModelInfo, info: GGUFInfo) -> None:
+        """Start the current model at zenow start; a failure is reported in the status."""
+        if generation != self._generation:
+            return  # a load came first
+        try:
+            await self._switch_to(_Model(model, info), fall_back=False)
+        except ZenowError as exc:
+            log.error("%s: could not start %s: %s", self.mode, model.name, exc)
+            if self._child is None:
+                self._fail(model, str(exc))
 
     async def _child_exited(self, child: _Child) -> None:
         if child is not self._child or child.stopping:
             return  # an old child, or one we stopped on purpose
         message = f"llama-server exited unexpectedly with code {child.exit_code}"
-        if child.tail:
-            message += f": {child.last_lines()}"
+        if reason := child.reason():
+            message += f": {reason}"
         log.error("%s: %s", self.mode, message)
         self._child = None
-        self.board.publish(ServerStatus("error", child.model.name, child.model.path, message))
-        self._schedule_retry(child.model, child.running_since)
+        self._fail(child.model.record, message)
+        self._schedule_retry(child.model.record, child.running_since)
 
-    async def _retry(self, generation: int, model: ModelInfo) -> None:
+    async def _retry(self, generation: int, model: ModelInfo, info: GGUFInfo) -> None:
         if generation != self._generation:
             return  # a load or parameter change happened meanwhile
         try:
-            await self._start(model)
+            await self._start(_Model(model, info))
         except ServerStartFailed:
             self._schedule_retry(model, None)
-        except InvalidModelFile as exc:  # the file went away: retrying cannot help
-            self.board.publish(ServerStatus("error", model.name, model.path, str(exc)))
+
+    async def _refused(self, generation: int, model: ModelInfo, message: str) -> None:
+        """The file of a model to (re)start failed its check: retrying cannot help."""
+        if generation == self._generation:
+            log.error("%s: %s", self.mode, message)
+            self._fail(model, message)
+
+    async def _handles_need(self) -> tuple[Store, Downloads | None]:
+        """What a `ServerHandle` built without a store and downloads uses (see its constructor)."""
+        return self.store, self.downloads
 
     # ------------------------------------------------------------ internals
+
+    def _fail(self, model: ModelInfo, message: str) -> None:
+        """Publish `error` for `model`, saying why."""
+        self.board.publish(ServerStatus("error", model.name, model.path, message))
+
+    def _bounds(self) -> Bounds:
+        if self._model is None:
+            return Bounds(self._cores)
+        return Bounds(self._cores, self._model.name, self._model.info.context_length)
+
+    def _context_for(self, model: _Model) -> int:
+        return effective_context(self._params["context_size"], model.info.context_length, self._context_overflow)
+
+    async def _check_then(self, operation: Callable[[ServerActor, int, ModelInfo, GGUFInfo], Awaitable[None]],
+                          generation: int, model: ModelInfo, delay: float) -> None:
+        """After `delay`, read `model`'s header in this task, then ask the actor to run
+        `operation(generation, model, info)`, or `_refused` when the file is not loadable."""
+        await trio.sleep(delay)
+        try:
+            info = await trio.to_thread.run_sync(read_gguf_info, Path(model.path))
+        except InvalidModelFile as exc:
+            await self.self_ref.tell(ServerActor._refused, generation, model, str(exc))
+            return
+        await self.self_ref.tell(operation, generation, model, info)
 
     def _schedule_retry(self, model: ModelInfo, running_since: float | None) -> None:
         now = trio.current_time()
@@ -260,21 +358,56 @@ class ServerActor(Actor):
             ))
             return
         delay = min(self.settings.restart_backoff * 2 ** (len(self._failures) - 1), BACKOFF_MAX)
-        generation = self._generation
         log.info("%s: restarting in %.1f s", self.mode, delay)
+        self.nursery.start_soon(self._check_then, ServerActor._retry, self._generation, model, delay)
 
-        async def later() -> None:
-            await trio.sleep(delay)
-            await self.self_ref.tell(ServerActor._retry, generation, model)
+    async def _check_memory(self, model: _Model, n_ctx: int, *, param: str) -> None:
+        """Raise `InvalidRequest` (nothing touched) when starting `model` with `n_ctx` tokens needs
+        more memory than is available, counting what stopping this mode's child would free."""
+        needed = _memory.load_needs(model.info, n_ctx)
+        child = self._child
+        pid = child.process.pid if child is not None and child.process is not None else None
 
-        self.nursery.start_soon(later)
+        def available() -> int | None:
+            free = self._memory()
+            if free is None:
+                return None
+            return free + (_memory.anonymous_memory_of(pid) if pid is not None else 0)
 
-    async def _switch_to(self, model: ModelInfo) -> None:
-        """Stop whatever runs, start `model`; on success make it the current model."""
-        await trio.to_thread.run_sync(check_model_file, Path(model.path))
+        free = await trio.to_thread.run_sync(available)
+        if free is not None and needed > free:
+            raise InvalidRequest(
+                f"Loading {model.name} with context {n_ctx} needs about {_gib(needed)} GiB of memory, "
+                f"only {_gib(free)} GiB is available; lower context_size or free some memory",
+                param=param,
+            )
+
+    async def _switch_to(self, model: _Model, *, fall_back: bool) -> None:
+        """Stop whatever runs, start `model`; on success make it the current model.
+
+        Raises `InvalidRequest` (memory; nothing touched) or `ServerStartFailed`; with
+        `fall_back`, the model that ran before is then started again.
+        """
+        await self._check_memory(model, self._context_for(model), param="model_name")
+        previous = self._model if self._child is not None and self.board.status.is_running else None
         self._failures.clear()
-        await self._start(model)
-        await self.store.set_current_model(self.mode, model.id)
+        try:
+            await self._start(model)
+        except ServerStartFailed as exc:
+            if not fall_back or previous is None or previous.record.path == model.record.path:
+                raise
+            raise ServerStartFailed(f"{exc}; {await self._fall_back_to(previous)}") from None
+        await self.store.set_current_model(self.mode, model.record.id)
+
+    async def _fall_back_to(self, previous: _Model) -> str:
+        """Start `previous` again after a failed load; say how that went."""
+        log.info("%s: starting %s again", self.mode, previous.name)
+        try:
+            await self._start(previous)
+        except ServerStartFailed as exc:
+            log.error("%s: %s did not start again either: %s", self.mode, previous.name, exc)
+            return f"{previous.name}, which ran before, did not start again either"
+        return f"{previous.name}, which ran before, is running again"
 
     async def _stop_child(self) -> None:
         child, self._child = self._child, None
@@ -283,11 +416,11 @@ class ServerActor(Actor):
             child.cancel_scope.cancel()
             await child.done.wait()
 
-    def _command(self, binary: str, model: ModelInfo, port: int) -> list[str]:
+    def _command(self, binary: str, model: _Model, port: int, n_ctx: int) -> list[str]:
         p = self._params
         argv = [
-            binary, "-m", model.path, "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(p["context_size"]), "-t", str(p["threads"]), "-ngl", str(p["gpu_layers"]),
+            binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(n_ctx), "-t", str(p["threads"]), "-ngl", str(p["gpu_layers"]),
             "-b", str(p["batch_size"]), "--no-webui",
         ]
         if self.mode == "llm":
@@ -298,44 +431,45 @@ class ServerActor(Actor):
             argv += ["--reranking", "-ub", str(p["batch_size"])]
         return argv
 
-    def _start_timeout(self, size: int | None) -> float:
-        gib = (size or 0) / 2**30
+    def _start_timeout(self, size: int) -> float:
+        gib = size / 2**30
         return self.settings.start_timeout_base + self.settings.start_timeout_per_gib * gib
 
-    async def _start(self, model: ModelInfo) -> None:
+    async def _start(self, model: _Model) -> None:
         """Start a child for `model` and wait until it is healthy.  Raises `ServerStartFailed`."""
         await self._stop_child()
         self._generation += 1
+        self._model = model
+        self.board.model_info = model.info
+        record = model.record
         try:
             binary = find_llama_server(self.settings)
         except ServerStartFailed as exc:
-            self.board.publish(ServerStatus("error", model.name, model.path, str(exc)))
+            self._fail(record, str(exc))
             raise
-        child = _Child(self._generation, model, free_port())
+        n_ctx = self._context_for(model)
+        if n_ctx < self._params["context_size"]:
+            log.info("%s: %s was trained for %d tokens: starting it with that context, not %d",
+                     self.mode, model.name, n_ctx, self._params["context_size"])
+        child = _Child(self._generation, model, n_ctx, free_port())
         self._child = child
-        self.board.publish(ServerStatus("starting", model.name, model.path))
+        self.board.publish(ServerStatus("starting", record.name, record.path))
         try:
-            await self.nursery.start(self._run_child, child, self._command(binary, model, child.port))
+            await self.nursery.start(self._run_child, child, self._command(binary, model, child.port, n_ctx))
         except OSError as exc:
             self._child = None
             message = f"Failed to start llama-server: {exc.strerror or exc}"
-            self.board.publish(ServerStatus("error", model.name, model.path, message))
+            self._fail(record, message)
             raise ServerStartFailed(message) from exc
-        try:
-            size = await trio.to_thread.run_sync(check_model_file, Path(model.path))
-        except InvalidModelFile as exc:
-            await self._stop_child()
-            self.board.publish(ServerStatus("error", model.name, model.path, str(exc)))
-            raise
-        failure = await self._wait_healthy(child, self._start_timeout(size))
+        failure = await self._wait_healthy(child, self._start_timeout(model.info.file_size))
         if failure is not None:
             await self._stop_child()
-            self.board.publish(ServerStatus("error", model.name, model.path, failure))
+            self._fail(record, failure)
             raise ServerStartFailed(failure)
         child.running_since = trio.current_time()
         endpoint = f"http://127.0.0.1:{child.port}"
-        self.board.publish(ServerStatus("running", model.name, model.path, None, endpoint))
-        log.info("%s: %s running on %s", self.mode, model.name, endpoint)
+        self.board.publish(ServerStatus("running", record.name, record.path, None, endpoint, n_ctx))
+        log.info("%s: %s running on %s", self.mode, record.name, endpoint)
 
     async def _wait_healthy(self, child: _Child, timeout: float) -> str | None:
         """Poll /health until 200; return None, or why the child did not become healthy."""
@@ -353,7 +487,8 @@ class ServerActor(Actor):
                     await child.exited.wait()
                 interval = min(interval * 1.5, 0.5)
             message = f"llama-server exited during startup with code {child.exit_code}"
-            return message + (f": {child.last_lines()}" if child.tail else "")
+            reason = child.reason()
+            return f"{message}: {reason}" if reason else message
         return f"llama-server did not become ready within {timeout:.0f} s; it was stopped"
 
     async def _run_child(self, child: _Child, argv: list[str], *,
@@ -392,7 +527,7 @@ class ServerActor(Actor):
         """Read everything the child prints (so its pipe never fills); log it and keep a tail.
 
         A log file that cannot be written is given up, never the draining."""
-        log_file = await self._open_log(f"--- {child.model.path} port {child.port}\n".encode())
+        log_file = await self._open_log(f"--- {child.model.record.path} port {child.port}\n".encode())
         pending = b""
         try:
             while chunk := await output.receive_some(65536):
@@ -431,14 +566,20 @@ async def _close_quietly(log_file: Any) -> None:
 
 
 class ServerHandle:
-    """What other code holds for one mode's server."""
+    """What other code holds for one mode's server.
 
-    def __init__(self, mode: str, ref: ActorRef[ServerActor], board: ServerBoard,
-                 http: httpx.AsyncClient) -> None:
+    `store` and `downloads` let `load` find and download a model in the caller's task;
+    when they are not given (the older constructor), `load` asks the actor for them.
+    """
+
+    def __init__(self, mode: Mode, ref: ActorRef[ServerActor], board: ServerBoard, http: httpx.AsyncClient,
+                 store: Store | None = None, downloads: Downloads | None = None) -> None:
         self.mode = mode
         self._ref = ref
         self._board = board
         self._http = http
+        self._store = store
+        self._downloads = downloads
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
@@ -448,10 +589,50 @@ class ServerHandle:
         """The mode's current parameters (a copy)."""
         return dict(self._board.parameters)
 
+    def model_info(self) -> GGUFInfo | None:
+        """What the GGUF header of the model this mode runs (or last tried to run) says; None before any."""
+        return self._board.model_info
+
     async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
-        return await self._ref.call(ServerActor.load, model_name, download_url)
+        """Make `model_name` the running model of this mode, downloading it first if needed.
+
+        The download and the check of the file's GGUF header run in the caller's task;
+        only then is the actor asked to switch (see `ServerActor.load`), so the mode's
+        status, crashes and parameter updates are served during a download.
+
+        Raises `ModelNotFound` (unknown name and no URL), `InvalidModelFile` (no file,
+        or not a GGUF file llama-server can read: nothing was touched), `InvalidRequest`
+        (a bad URL, or the model would not fit in memory), `DownloadFailed`, or
+        `ServerStartFailed`.  Cancelling the call stops waiting for a download, not
+        the download; once the actor was asked, the switch completes all the same.
+        """
+        if self._store is not None:
+            store, downloads = self._store, self._downloads
+        else:
+            store, downloads = await self._ref.call(ServerActor._handles_need)
+        model = await store.find_model(self.mode, model_name)
+        if model is None or not model.is_downloaded:
+            if not download_url:
+                if model is None:
+                    raise ModelNotFound(
+                        f"Model {model_name!r} not found for mode {self.mode}; "
+                        "give a download_url to download it"
+                    )
+                raise InvalidModelFile(
+                    f"Model file not found: {model.path}; give a download_url to download it again"
+                )
+            if downloads is None:
+                raise ServerStartFailed("Downloads are not available")
+            await downloads.fetch(download_url, f"{model_name}.gguf", self.mode)
+            # the download registered the file under its name without .gguf: this name
+            model = await store.find_model(self.mode, model_name)
+            if model is None:
+                raise ServerStartFailed(f"Model {model_name!r} was downloaded but is not registered")
+        info = await trio.to_thread.run_sync(read_gguf_info, Path(model.path))
+        return await self._ref.call(ServerActor.load, model, info)
 
     async def update_parameters(self, changes: dict[str, Any]) -> bool:
+        """See `ServerActor.update_parameters`."""
         return await self._ref.call(ServerActor.update_parameters, changes)
 
     async def tokenize_count(self, text: str) -> int | None:

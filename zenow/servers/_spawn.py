@@ -76,14 +76,15 @@ async def spawn_owned(
     Raises `OSError` when the program cannot be started (not found, not executable).
     The caller owns the child: it must `terminate` it or `wait_exit` for it.
     """
-    job = lambda: subprocess.Popen(  # noqa: E731
+    job = lambda: subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=output_fd, stderr=output_fd, env=dict(env),
         cwd=cwd, close_fds=True, start_new_session=True, preexec_fn=_die_with(os.getpid()),
     )
     # Shielded: once the fork is queued it happens, and its caller must get the child to own it.
     with trio.CancelScope(shield=True):
         future = _the_spawner().submit(job)
-        return await trio.to_thread.run_sync(future.result)
+        process: subprocess.Popen[bytes] = await trio.to_thread.run_sync(future.result)
+    return process
 
 
 async def wait_exit(process: subprocess.Popen[bytes]) -> int:
@@ -104,9 +105,11 @@ async def terminate(process: subprocess.Popen[bytes], grace: float) -> int:
         if process.returncode is None:
             _signal(process, signal.SIGTERM)
             with trio.move_on_after(grace):
-                return await wait_exit(process)
-            _signal(process, signal.SIGKILL)
-        return await wait_exit(process)
+                await wait_exit(process)
+            if process.returncode is None:
+                _signal(process, signal.SIGKILL)
+        code = await wait_exit(process)
+    return code
 
 
 def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
