@@ -7,10 +7,11 @@ import time
 
 import pytest
 import trio
+from zenow.chat import Turn, history_within
 
 from tests.support.harness import make_settings, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
-from zenow.chat import Turn, history_within
+from tests.support.tiny_models import write_stub_model
 
 
 @pytest.fixture
@@ -30,8 +31,7 @@ def events(path, kind=None):
 @pytest.fixture
 async def fake(nursery, tmp_path, event_log):
     home = tmp_path / "home"
-    (home / "models" / "llm").mkdir(parents=True)
-    (home / "models" / "llm" / "fake.gguf").write_bytes(b"GGUF" + bytes(64))
+    write_stub_model(home / "models" / "llm" / "fake.gguf")
     settings = make_settings(home, llama_server=str(FAKE_LLAMA_SERVER))
     async with start_zenow(nursery, settings) as zenow:
         assert (await zenow.client.post("/api/models/load", json={"model_name": "fake"})).status_code == 200
@@ -40,8 +40,8 @@ async def fake(nursery, tmp_path, event_log):
 
 async def respawn(zenow):
     """Restart the fake child (a server parameter change does) so it takes the test's FAKE_LLAMA_* environment."""
-    threads = (await zenow.client.get("/api/models/get_param")).json()["threads"]
-    answer = await zenow.client.post("/api/models/update_param", json={"threads": threads + 1})
+    batch = (await zenow.client.get("/api/models/get_param")).json()["batch_size"]
+    answer = await zenow.client.post("/api/models/update_param", json={"batch_size": 256 if batch == 512 else 512})
     assert answer.json()["requires_restart"] is True
     assert (await zenow.client.get("/api/server/status")).json()["status"] == "running"
 
@@ -157,7 +157,8 @@ async def test_history_takes_whole_newest_messages_within_half_the_context(fake,
     history = await stored(client, sid)
     system = (await client.get("/api/models/get_param")).json()["system_prompt"]
     system_tokens = len(system.split())  # the fake counts one token per word
-    expected = history_within(64 - system_tokens, [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(history)])
+    newest_first = [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(history)]
+    expected = history_within(64 - system_tokens, newest_first)
     await client.post("/api/chat", json={**ask(sid, "now"), "stream": False})
     sent = [e["body"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"][-1]["messages"]
     assert sent[1:-1] == [{"role": t.role, "content": t.content} for t in expected]
@@ -175,11 +176,14 @@ async def test_a_request_larger_than_the_context_is_refused_with_counts(fake):
     assert await stored(fake.client, sid) == []  # nothing half-written
 
 
+SESSION_REQUIRED = "session_id is required. Please create a session first."
+
+
 @pytest.mark.parametrize(
     ("body", "status", "detail"),
     [
-        ({"messages": [{"role": "user", "content": "x"}]}, 400, "session_id is required. Please create a session first."),
-        ({"session_id": None, "messages": [{"role": "user", "content": "x"}]}, 400, "session_id is required. Please create a session first."),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, SESSION_REQUIRED),
+        ({"session_id": None, "messages": [{"role": "user", "content": "x"}]}, 400, SESSION_REQUIRED),
         ({"session_id": 999_999, "messages": [{"role": "user", "content": "x"}]}, 404, "Session not found"),
     ],
 )
@@ -252,8 +256,7 @@ async def test_shutdown_mid_stream_keeps_the_partial_reply(nursery, tmp_path, mo
     monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.05")
     monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "400")
     home = tmp_path / "home"
-    (home / "models" / "llm").mkdir(parents=True)
-    (home / "models" / "llm" / "fake.gguf").write_bytes(b"GGUF" + bytes(64))
+    write_stub_model(home / "models" / "llm" / "fake.gguf")
     settings = make_settings(home, llama_server=str(FAKE_LLAMA_SERVER))
     some = trio.Event()
     async with start_zenow(nursery, settings) as zenow:
@@ -263,12 +266,12 @@ async def test_shutdown_mid_stream_keeps_the_partial_reply(nursery, tmp_path, mo
         async def read_until_cut():
             seen = 0
             try:
-                async with httpx.AsyncClient(base_url=zenow.url, timeout=30) as other:
-                    async with other.stream("POST", "/api/chat", json=ask(sid)) as response:
-                        async for line in response.aiter_lines():
-                            seen += line.startswith("data: {")
-                            if seen == 5:
-                                some.set()
+                async with httpx.AsyncClient(base_url=zenow.url, timeout=30) as other, \
+                        other.stream("POST", "/api/chat", json=ask(sid)) as response:
+                    async for line in response.aiter_lines():
+                        seen += line.startswith("data: {")
+                        if seen == 5:
+                            some.set()
             except httpx.HTTPError:
                 pass  # zenow went away mid-stream, as it should
 
@@ -278,3 +281,39 @@ async def test_shutdown_mid_stream_keeps_the_partial_reply(nursery, tmp_path, mo
         rows = db.execute("SELECT role, content FROM messages WHERE session_id = ? ORDER BY id", (sid,)).fetchall()
     assert [role for role, _ in rows] == ["user", "assistant"]
     assert rows[1][1].startswith("Hello from the fake server.") and len(rows[1][1]) < 400 * 8
+
+
+async def test_chats_on_different_sessions_do_not_wait_for_each_others_tokenizer(fake, monkeypatch, event_log):
+    monkeypatch.setenv("FAKE_LLAMA_TOKENIZE_DELAY", "1.5")
+    monkeypatch.setenv("FAKE_LLAMA_TOKENIZE_DELAY_IF", "slowpoke")
+    await respawn(fake)
+    slow_sid, quick_sid = await session(fake.client), await session(fake.client)
+    answers = {}
+
+    async def chat(sid, text):
+        answers[text] = await fake.client.post("/api/chat", json={**ask(sid, text), "stream": False})
+
+    async def slow_tokenize_started():
+        return [e for e in events(event_log, "request")
+                if e["path"] == "/tokenize" and "slowpoke" in (e["body"] or {}).get("content", "")]
+
+    async with trio.open_nursery() as both:
+        both.start_soon(chat, slow_sid, "slowpoke question")
+        await wait_for(slow_tokenize_started, timeout=5, what="the slow /tokenize to start")
+        with trio.fail_after(1.0):  # the slow one holds its tokenizer call for 1.5 s
+            await chat(quick_sid, "quick question")
+        assert answers["quick question"].status_code == 200
+        assert "slowpoke question" not in answers
+    assert answers["slowpoke question"].status_code == 200
+    assert [m["content"] for m in await stored(fake.client, slow_sid)] == [
+        "slowpoke question", "Hello from the fake server."]
+
+
+async def test_a_huge_max_tokens_reaches_llama_server_as_at_most_the_context(fake, event_log):
+    await fake.client.post("/api/models/update_param", json={"context_size": 256, "max_tokens": 1_000_000})
+    sid = await session(fake.client)
+    asked = await fake.client.post("/api/chat", json={**ask(sid, "one"), "stream": False, "max_tokens": 1_048_576})
+    default = await fake.client.post("/api/chat", json={**ask(sid, "two"), "stream": False})
+    assert asked.status_code == default.status_code == 200
+    sent = [e["body"]["max_tokens"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"]
+    assert sent == [256, 256]

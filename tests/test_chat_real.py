@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
+import shutil
 
 import httpx
 import pytest
 import trio
+from zenow.chat import Turn, history_within
 
 from tests.support.harness import make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
-from zenow.chat import Turn, history_within
 
 pytestmark = pytest.mark.real_llama
 
@@ -72,7 +72,7 @@ async def test_a_streamed_reply_is_saved_exactly_as_streamed(smol):
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert saved[0]["content"] == "What is the capital of France?"
     assert saved[1]["content"] == text
-    async with httpx.AsyncClient() as direct:  # token counts are the model's own
+    async with httpx.AsyncClient(timeout=60) as direct:  # token counts are the model's own
         tokens = (await direct.post(f"{child_url()}/tokenize", json={"content": text})).json()["tokens"]
     assert saved[1]["token_count"] == len(tokens)
     detail = (await client.get(f"/api/sessions/{sid}")).json()
@@ -107,13 +107,16 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
     await client.post("/api/models/update_param", json={"context_size": 1024})
     sid = await new_session(client)
     for i in range(150):
-        await client.post(f"/api/sessions/{sid}/messages", json={"role": "user", "content": f"Question {i}: what is {i} plus {i}?"})
-        await client.post(f"/api/sessions/{sid}/messages", json={"role": "assistant", "content": f"{i} plus {i} is {2 * i}."})
+        await client.post(f"/api/sessions/{sid}/messages",
+                          json={"role": "user", "content": f"Question {i}: what is {i} plus {i}?"})
+        await client.post(f"/api/sessions/{sid}/messages",
+                          json={"role": "assistant", "content": f"{i} plus {i} is {2 * i}."})
     stored = await messages(client, sid)
     assert len(stored) == 300
     system_prompt = (await client.get("/api/models/get_param")).json()["system_prompt"]
-    async with httpx.AsyncClient() as direct:
-        system_tokens = len((await direct.post(f"{child_url()}/tokenize", json={"content": system_prompt})).json()["tokens"])
+    async with httpx.AsyncClient(timeout=60) as direct:
+        tokenized = await direct.post(f"{child_url()}/tokenize", json={"content": system_prompt})
+        system_tokens = len(tokenized.json()["tokens"])
     kept = history_within(1024 // 2 - system_tokens,
                           [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(stored)])
     assert 10 < len(kept) < 300 and kept[0].role == "user"
@@ -126,7 +129,7 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
     async def prompt_tokens(history):
         conversation = [{"role": "system", "content": system_prompt}]
         conversation += [{"role": t.role, "content": t.content} for t in history] + [question]
-        async with httpx.AsyncClient() as direct:
+        async with httpx.AsyncClient(timeout=60) as direct:
             probe = await direct.post(f"{child_url()}/v1/chat/completions", json={
                 "messages": conversation, "max_tokens": 1, "temperature": 0})
         return probe.json()["usage"]["prompt_tokens"]
@@ -137,7 +140,7 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
 
 
 async def test_the_specs_javascript_example_streams_under_node(smol, tmp_path):
-    text = open(SPEC, encoding="utf-8").read()
+    text = await trio.Path(SPEC).read_text(encoding="utf-8")
     example = re.search(r"### 7\.1.*?```javascript\n(.*?)```", text, re.S).group(1)
     await smol.client.post("/api/models/update_param", json={"max_tokens": 24, "temperature": 0})
     script = tmp_path / "example.mjs"
@@ -147,7 +150,26 @@ async def test_the_specs_javascript_example_streams_under_node(smol, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     printed = result.stdout.decode()
     sessions = (await smol.client.get("/api/sessions")).json()["sessions"]
-    assert sessions[0]["session_name"] == "你好，请介绍一下自己"
+    assert sessions[0]["session_name"] == "你好，请介绍一下自己"  # noqa: RUF001 - the spec's own text
     saved = await messages(smol.client, sessions[0]["id"])
     assert saved[-1]["role"] == "assistant" and saved[-1]["content"]
     assert printed.replace("\n", "") == saved[-1]["content"].replace("\n", "")
+
+
+async def test_the_window_is_the_one_the_running_model_has(nursery, tmp_path, llama_server, tiny_models):
+    """tiny-llama was trained for 4096 tokens: with context_size at its 8192 default it runs with 4096,
+    and a chat is measured against 4096 (one token per byte for this model)."""
+    home = tmp_path / "home"
+    (home / "models" / "llm").mkdir(parents=True)
+    shutil.copy(tiny_models["llm"], home / "models" / "llm" / "tiny-llama.gguf")
+    async with start_zenow(nursery, make_settings(home, llama_server=llama_server)) as zenow:
+        client = zenow.client
+        assert (await client.post("/api/models/load", json={"model_name": "tiny-llama"})).status_code == 200
+        sid = await new_session(client)
+        too_long = await client.post("/api/chat", json={"session_id": sid, "messages": [
+            {"role": "user", "content": "a" * 4100}]})
+        assert too_long.status_code == 400
+        assert "more than the context window of 4096 tokens" in too_long.json()["detail"]
+        fits = await client.post("/api/chat", json={"session_id": sid, "max_tokens": 4, "messages": [
+            {"role": "user", "content": "a" * 1000}]})
+        assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 4

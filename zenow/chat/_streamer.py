@@ -3,7 +3,10 @@
 `ChatStreamer.open(request)` checks everything that can be refused (session, server,
 context window) and only then hands back a `ChatStream`: a receive channel of
 `Delta` / `Finished` / `Failed` events fed by a task in the streamer's nursery.
-That task holds the session's lock from storing the user's messages until the
+The checks run in that per-request task too (they read the session and count tokens
+with the model's tokenizer, one HTTP call per message), so the streamer's mailbox
+only starts tasks and chats on different sessions never wait for each other.  The
+task holds the session's lock from storing the user's messages until the
 assistant's reply is saved, so two chats on one session never interleave.
 
 When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
@@ -21,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import outcome
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import ContextOverflow, ServerNotRunning, UpstreamError, ZenowError
+from ..errors import ActorCrashed, ActorUnavailable, ContextOverflow, ServerNotRunning, UpstreamError, ZenowError
 from ..servers import ServerHandle
 from ..store import Store
 from ..tokens import TokenCounter
@@ -93,28 +97,51 @@ class ChatStreamerActor(Actor):
         await self._http.aclose()
 
     async def open(self, request: ChatRequest, send: trio.MemorySendChannel[StreamEvent],
-                   scope: trio.CancelScope) -> None:
-        """Refuse what must be refused, then start generating into `send` under `scope`.
+                   scope: trio.CancelScope, ready: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+        """Start a task for `request`: it refuses what must be refused, then generates into
+        `send` under `scope`.
 
-        Raises `SessionNotFound`, `ServerNotRunning`, or `ContextOverflow` (with the counts);
-        then nothing was stored and `send` is closed.
+        The task answers on `ready` first: an error (`SessionNotFound`, `ServerNotRunning`,
+        `ContextOverflow` with the counts; then nothing was stored and `send` is closed) or
+        a value once it goes on to generate.  When nobody receives that answer any more
+        (the caller went away), it stops there, having stored nothing.
         """
-        try:
-            prepared = await self._prepare(request)
-        except BaseException:
-            send.close()
-            raise
-        self.nursery.start_soon(self._generate, prepared, send, scope)
+        self.nursery.start_soon(self._chat, request, send, scope, ready)
+
+    async def _chat(self, request: ChatRequest, send: trio.MemorySendChannel[StreamEvent],
+                    scope: trio.CancelScope, ready: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+        async with ready:
+            try:
+                prepared = await self._prepare(request)
+            except ZenowError as exc:
+                send.close()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    ready.send_nowait(outcome.Error(exc))
+                return
+            except Exception as exc:
+                send.close()
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    ready.send_nowait(outcome.Error(ActorCrashed(
+                        f"Internal error in ChatStreamerActor: {type(exc).__name__}: {exc}")))
+                raise  # a bug: the actor restarts
+            try:
+                ready.send_nowait(outcome.Value(None))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                send.close()
+                return  # the caller is gone: start nothing
+        await self._generate(prepared, send, scope)
 
     async def _prepare(self, request: ChatRequest) -> _Prepared:
         await self.store.get_session(request.session_id)
-        if self.llm.status().endpoint is None:
+        status = self.llm.status()
+        if status.endpoint is None:
             raise ServerNotRunning(NOT_RUNNING)
         params = self.llm.parameters()
         system_prompt = params.get("system_prompt") or ""
         system = Turn("system", system_prompt, await self.tokens.count(system_prompt)) if system_prompt else None
         turns = [Turn(role, content, await self.tokens.count(content)) for role, content in request.messages]
-        context_size = int(params["context_size"])
+        # what the running server has: context_size, or less for a model trained for less
+        context_size = status.context_size or int(params["context_size"])
         system_tokens = system.token_count if system else 0
         needed = system_tokens + sum(t.token_count for t in turns)
         if needed > context_size:
@@ -122,10 +149,13 @@ class ChatStreamerActor(Actor):
                 f"messages: the request needs {needed} tokens (system prompt {system_tokens} + "
                 f"messages {needed - system_tokens}), more than the context window of {context_size} tokens"
             )
+        max_tokens = request.max_tokens if request.max_tokens is not None else params["max_tokens"]
         options = {
             "temperature": request.temperature if request.temperature is not None else params["temperature"],
-            "repeat_penalty": request.repeat_penalty if request.repeat_penalty is not None else params["repeat_penalty"],
-            "max_tokens": request.max_tokens if request.max_tokens is not None else params["max_tokens"],
+            "repeat_penalty": request.repeat_penalty if request.repeat_penalty is not None
+            else params["repeat_penalty"],
+            # never more than the window holds (llama-server takes a huge count as a negative one)
+            "max_tokens": min(int(max_tokens), context_size),
         }
         return _Prepared(request, system, turns, context_size, options)
 
@@ -242,7 +272,7 @@ class ChatStreamerActor(Actor):
         try:
             tokens = await self.tokens.count(content)
             await self.store.add_message(session_id, "assistant", content, tokens)
-        except Exception:  # noqa: BLE001 - never lose the stream over the save; say so loudly
+        except Exception:  # never lose the stream over the save; say so loudly
             log.exception("could not save the assistant reply of session %d", session_id)
 
 
@@ -269,11 +299,19 @@ class ChatStreamer:
         """
         send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
         stream = ChatStream(receive, trio.CancelScope())
+        ready_send, ready_receive = trio.open_memory_channel[outcome.Outcome[None]](1)
         try:
-            await self._ref.call(ChatStreamerActor.open, request, send, stream.scope)
+            with ready_receive:
+                await self._ref.call(ChatStreamerActor.open, request, send, stream.scope, ready_send)
+                try:
+                    answer = await ready_receive.receive()
+                except trio.EndOfChannel:
+                    raise ActorUnavailable("The chat streamer stopped while preparing the chat") from None
+            answer.unwrap()
         except BaseException:
             stream.cancel()
             send.close()
+            ready_send.close()
             raise
         return stream
 
