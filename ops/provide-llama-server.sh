@@ -62,13 +62,17 @@ cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
   || { tail -n 30 "$WORK/configure.log" >&2; die "cmake configure failed (log above)"; }
 
 say "building the llama-server and rpc-server targets (progress in percent below)"
-cmake --build "$WORK/build" --target llama-server rpc-server -j"$(nproc 2>/dev/null || echo 2)" 2>&1 \
-  | grep --line-buffered -E '^\[ *[0-9]+%\]|error' | sed -u 's/^/  /' >&2
+# (llama.cpp names the RPC worker's target ggml-rpc-server; it is cached as rpc-server)
+cmake --build "$WORK/build" --target llama-server ggml-rpc-server -j"$(nproc 2>/dev/null || echo 2)" \
+  >"$WORK/build.log" 2>&1 &
+BUILD_PID=$!
+tail -n +1 -f "$WORK/build.log" --pid="$BUILD_PID" | grep --line-buffered -E '^\[ *[0-9]+%\]|error' | sed -u 's/^/  /' >&2 || true
+wait "$BUILD_PID" || { tail -n 30 "$WORK/build.log" >&2; die "the build failed (log above)"; }
 [ -x "$WORK/build/bin/llama-server" ] || die "the build did not produce bin/llama-server"
-[ -x "$WORK/build/bin/rpc-server" ] || die "the build did not produce bin/rpc-server"
+[ -x "$WORK/build/bin/ggml-rpc-server" ] || die "the build did not produce bin/ggml-rpc-server"
 
 mkdir -p "$PREFIX/bin"
-cp "$WORK/build/bin/rpc-server" "$RPC_BIN.tmp"
+cp "$WORK/build/bin/ggml-rpc-server" "$RPC_BIN.tmp"
 mv "$RPC_BIN.tmp" "$RPC_BIN"
 cp "$WORK/build/bin/llama-server" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
