@@ -78,18 +78,18 @@ def run(api: ZenowAPI, out: Output, model: str | None, session_id: int | None, o
 
 def _wait_for_llm(api: ZenowAPI, out: Output) -> None:
     """Return once the llm server runs (waiting while it starts); raise `ClientError` saying why it does not."""
-    waiting: AbstractContextManager[Any] = (
-        out.console.status("the llm model is starting…") if out.is_terminal else nullcontext()
-    )
-    deadline = time.monotonic() + START_WAIT
-    with waiting:
-        while True:
-            server = api.get("/api/server/status", {"mode": "llm"})
-            if server["status"] == "running":
-                return
-            if server["status"] != "starting" or time.monotonic() > deadline:
-                break
-            time.sleep(START_POLL)
+    server = api.get("/api/server/status", {"mode": "llm"})
+    if server["status"] == "starting":
+        waiting: AbstractContextManager[Any] = (
+            out.console.status("the llm model is starting…") if out.is_terminal else nullcontext()
+        )
+        deadline = time.monotonic() + START_WAIT
+        with waiting:
+            while server["status"] == "starting" and time.monotonic() < deadline:
+                time.sleep(START_POLL)
+                server = api.get("/api/server/status", {"mode": "llm"})
+    if server["status"] == "running":
+        return
     why = f": {server['error_message']}" if server.get("error_message") else ""
     raise ClientError(f"no llm model is running (status {server['status']}{why}); "
                       "`zenow run MODEL` or `zenow load MODEL` loads one")
