@@ -17,7 +17,7 @@ from ._gguf import GGUFInfo
 __all__ = ["MemoryProbe", "anonymous_memory_of", "load_needs", "mem_available", "usable_cores"]
 
 #: Returns the bytes of memory available for a new process now, or None when unknown.
-MemoryProbe = Callable[[], "int | None"]
+MemoryProbe = Callable[[], int | None]
 
 #: Compute buffers, the process and its libraries: a floor, plus a share of the rest.
 MARGIN_FLOOR = 256 * 2**20
