@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from . import _queries as q
 from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 
 __all__ = ["Store", "StoreActor"]
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -70,11 +73,14 @@ class StoreActor(Actor):
         """`execute`, then `announce(result)` here in the actor: changes are announced in the
         order they were made, and even when the caller stopped waiting for the answer.
 
-        `announce` must not block nor raise (it publishes an event).  Raises what `execute` raises;
-        then nothing is announced.
+        `announce` must not block (it publishes an event); should it raise, the error is logged
+        and the change stands.  Raises what `execute` raises; then nothing is announced.
         """
         result = await self.execute(query, *args)
-        announce(result)
+        try:
+            announce(result)
+        except Exception:  # a bug in an event must not crash the store: zenow stops without it
+            log.exception("announcing a change failed")
         return result
 
 
