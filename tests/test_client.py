@@ -177,7 +177,7 @@ async def test_pull_shows_progress_and_ends_with_the_model_registered(zenow, fil
     result = await zenow_cli("pull", url, "--mode", "embed", "--name", "tiny", "--url", zenow.url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines[-1] == "pulled tiny (3.0 MiB): registered as a embed model"
+    assert lines[-1] == "pulled tiny (3.0 MiB) for embed: it is registered"
     assert re.fullmatch(r"tiny: 100\.0% 3\.0 MiB / 3\.0 MiB .*", lines[-2]), lines
     assert (zenow.settings.mode_dir("embed") / "tiny.gguf").read_bytes() == data
     (model,) = json.loads((await zenow_cli("models", "--json", "--url", zenow.url)).stdout)

@@ -151,7 +151,7 @@ def pull(api: ZenowAPI, out: Output, url: str, mode: str, name: str | None, sha2
     if out.as_json:
         out.json({"result": "completed", "model": model, "mode": mode, "download": record})
     else:
-        out.line(f"pulled {model} ({human_size(record.get('total'))}): registered as a {mode} model")
+        out.line(f"pulled {model} ({human_size(record.get('total'))}) for {mode}: it is registered")
     return 0
 
 
