@@ -301,3 +301,13 @@ async def test_a_switch_that_waits_too_long_is_a_409_and_lets_the_others_go_on(a
     assert status.model_name == "a"
     streaming.release()
     other.release()
+
+
+def test_an_integral_float_is_an_integer_as_json_schema_says_but_a_string_or_bool_is_not():
+    request = parse_chat_completion({"messages": HELLO, "max_tokens": 5.0, "seed": 7.0, "n": 1.0})
+    assert request.options["max_tokens"] == 5 and isinstance(request.options["max_tokens"], int)
+    assert (request.options["seed"], request.options["n"]) == (7, 1) and isinstance(request.options["seed"], int)
+    assert parse_embeddings({"input": [1.0, 2]}).inputs == [[1, 2]]
+    assert parse_rerank({"query": "q", "documents": ["a"], "top_n": 2.0}).top_n == 2
+    for value in (5.5, "5", True):
+        assert bad(parse_chat_completion, {"messages": HELLO, "max_tokens": value}).param == "max_tokens"

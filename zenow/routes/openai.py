@@ -12,11 +12,20 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 from quart import Blueprint, Response, request
-from quart_schema import document_querystring, document_response
+from quart_schema import document_querystring, document_request, document_response
 
 from ..errors import InvalidMode
 from ..settings import is_mode
-from ..v1 import OpenAIGateway, model_object, parse_chat_completion, parse_embeddings, parse_rerank
+from ..v1 import (
+    ChatCompletionBody,
+    EmbeddingsBody,
+    OpenAIGateway,
+    RerankBody,
+    model_object,
+    parse_chat_completion,
+    parse_embeddings,
+    parse_rerank,
+)
 from ._context import services
 
 bp = Blueprint("openai", __name__)
@@ -93,8 +102,14 @@ class RerankList(BaseModel):
 _ERRORS = (400, 401, 403, 413, 415, 500, 503)
 
 
-def _documented(answer: type[BaseModel] | None, *errors: int) -> Callable[[F], F]:
+def _documented(answer: type[BaseModel] | None, *errors: int, body: type[BaseModel] | None = None
+                ) -> Callable[[F], F]:
+    """Document a route in `/openapi.json`: its 200 answer, its body (which the route reads
+    itself, with the same model), and its errors in OpenAI's shape."""
+
     def document(route: F) -> F:
+        if body is not None:
+            route = document_request(body)(route)
         if answer is not None:
             route = document_response(answer, 200)(route)
         for status in sorted({*_ERRORS, *errors}):
@@ -126,7 +141,7 @@ async def get_model(model_id: str) -> dict[str, Any]:
 
 
 @bp.post("/v1/chat/completions")
-@_documented(None, 404, 409, 502)
+@_documented(None, 404, 409, 502, body=ChatCompletionBody)
 async def chat_completions() -> Response | dict[str, Any]:
     body = parse_chat_completion(await request.get_json())
     gateway = _gateway()
@@ -155,13 +170,13 @@ async def chat_completions() -> Response | dict[str, Any]:
 
 
 @bp.post("/v1/embeddings")
-@_documented(EmbeddingList, 404, 409, 502)
+@_documented(EmbeddingList, 404, 409, 502, body=EmbeddingsBody)
 async def embeddings() -> dict[str, Any]:
     return await _gateway().embeddings(parse_embeddings(await request.get_json()))
 
 
 @bp.post("/v1/rerank")
 @bp.post("/v1/reranking")
-@_documented(RerankList, 404, 409, 502)
+@_documented(RerankList, 404, 409, 502, body=RerankBody)
 async def rerank() -> dict[str, Any]:
     return await _gateway().rerank(parse_rerank(await request.get_json()))

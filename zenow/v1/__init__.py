@@ -14,9 +14,12 @@ from ._gate import ModelGate as ModelGate
 from ._gateway import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT
 from ._gateway import CompletionStream as CompletionStream
 from ._gateway import OpenAIGateway as OpenAIGateway
+from ._shapes import ChatCompletionBody as ChatCompletionBody
 from ._shapes import ChatCompletionRequest as ChatCompletionRequest
+from ._shapes import EmbeddingsBody as EmbeddingsBody
 from ._shapes import EmbeddingsRequest as EmbeddingsRequest
 from ._shapes import ModelEntry as ModelEntry
+from ._shapes import RerankBody as RerankBody
 from ._shapes import RerankRequest as RerankRequest
 from ._shapes import model_object as model_object
 from ._shapes import parse_chat_completion as parse_chat_completion

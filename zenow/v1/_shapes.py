@@ -12,10 +12,10 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest, UpstreamError, ZenowError
 
@@ -24,11 +24,17 @@ __all__ = [
     "MAX_DOCUMENTS",
     "MAX_INPUTS",
     "MAX_TOKENS_LIMIT",
+    "ChatCompletionBody",
     "ChatCompletionRequest",
+    "ChatMessage",
+    "EmbeddingsBody",
     "EmbeddingsRequest",
     "EncodingFormat",
     "ModelEntry",
+    "RerankBody",
+    "RerankDocument",
     "RerankRequest",
+    "StreamOptions",
     "chat_chunk",
     "chat_completion_response",
     "embeddings_response",
@@ -92,35 +98,51 @@ def _object(body: object) -> dict[str, Any]:
     return body
 
 
-class _StreamOptions(BaseModel):
+def _integral(value: object) -> object:
+    """JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), 5.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_AS_INTEGER = BeforeValidator(_integral)
+#: Integer fields take 5.0 as 5, but never "5" or true (the validator comes last so that the
+#: bounds still show in the JSON schema as minimum and maximum).
+_Int = Annotated[int, _AS_INTEGER]
+_TokenLimit = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT), _AS_INTEGER]
+
+
+class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool = False
 
 
-class _ChatBody(BaseModel):
+class ChatMessage(BaseModel):
+    """A message as llama-server's chat templates read it (tool calls and parts pass through)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str = Field(min_length=1, max_length=64)
+    content: str | list[Any] | None = None
+
+
+class ChatCompletionBody(BaseModel):
     """The fields zenow checks; every other field passes through to llama-server."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    messages: list[Any] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME)
     stream: bool = False
-    stream_options: _StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    stream_options: StreamOptions | None = None
+    max_tokens: _TokenLimit | None = None
+    max_completion_tokens: _TokenLimit | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repeat_penalty: float | None = Field(None, ge=0.0, le=10.0)
-    seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    seed: _Int | None = None
+    n: Annotated[int, Field(ge=1, le=1), _AS_INTEGER] | None = None
     stop: str | list[str] | None = None
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-    role: str = Field(min_length=1, max_length=64)
-    content: str | list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,17 +163,15 @@ def parse_chat_completion(body: object) -> ChatCompletionRequest:
     """Check a chat completion body.  Raises `InvalidRequest` naming the field (`param`)."""
     values = _object(body)
     try:
-        chat = _ChatBody.model_validate(values)
+        chat = ChatCompletionBody.model_validate(values)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    for index, message in enumerate(chat.messages):
-        try:
-            _Message.model_validate(message)
-        except ValidationError as exc:
-            raise _invalid(exc, f"messages.{index}.") from None
     given = {k: v for k, v in values.items() if v is not None}
     options = {k: v for k, v in given.items() if k not in ("model", "stream", "stream_options",
                                                             "max_completion_tokens")}
+    for key in ("seed", "n"):  # as validated: 5.0 goes on as 5
+        if key in options:
+            options[key] = getattr(chat, key)
     # OpenAI's newer name wins where both are given; llama-server gets one limit.
     limit = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
     if limit is not None:
@@ -171,13 +191,16 @@ def upstream_chat_payload(request: ChatCompletionRequest, defaults: Mapping[str,
     return payload
 
 
-class _EmbeddingsBody(BaseModel):
+_Text = Annotated[str, Field(min_length=1)]
+_Tokens = Annotated[list[Annotated[int, Field(ge=0), _AS_INTEGER]], Field(min_length=1)]
+
+
+class EmbeddingsBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    input: str | list[str] | list[int] | list[list[int]]
+    input: (_Text | Annotated[list[_Text], Field(min_length=1, max_length=MAX_INPUTS)] | _Tokens
+            | Annotated[list[_Tokens], Field(min_length=1, max_length=MAX_INPUTS)])
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME)
     encoding_format: EncodingFormat = "float"
-    dimensions: int | None = None
-    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,51 +215,41 @@ class EmbeddingsRequest:
 def parse_embeddings(body: object) -> EmbeddingsRequest:
     """Check an embeddings body.  Raises `InvalidRequest` naming the field (`param`)."""
     values = _object(body)
-    if "input" not in values:
-        raise InvalidRequest("input: required (a string, a list of strings, or token arrays)", param="input")
+    if values.get("dimensions") is not None:
+        raise InvalidRequest("dimensions: not supported; a model's vectors have the width it was trained with",
+                             param="dimensions")
     try:
-        parsed = _EmbeddingsBody.model_validate(values)
+        parsed = EmbeddingsBody.model_validate(values)
     except ValidationError as exc:
         error = _invalid(exc)
         if error.param and error.param.startswith("input"):
-            raise InvalidRequest("input: must be a string, a list of strings, a list of token ids, or a list "
-                                 "of lists of token ids", param="input") from None
+            raise InvalidRequest(
+                f"input: must be a non-empty string, a list of 1 to {MAX_INPUTS} non-empty strings, a non-empty "
+                f"list of token ids (0 or more), or a list of 1 to {MAX_INPUTS} such lists", param="input",
+            ) from None
         raise error from None
-    if parsed.dimensions is not None:
-        raise InvalidRequest("dimensions: not supported; a model's vectors have the width it was trained with",
-                             param="dimensions")
     raw = parsed.input
     inputs: list[str | list[int]]
     if isinstance(raw, str):
         inputs = [raw]
-    elif raw and all(isinstance(item, int) for item in raw):
-        inputs = [[int(item) for item in raw if isinstance(item, int)]]  # one token array
+    elif all(isinstance(item, int) for item in raw):
+        inputs = [[item for item in raw if isinstance(item, int)]]  # one token array
     else:
         inputs = [item for item in raw if isinstance(item, str | list)]
-    if not inputs:
-        raise InvalidRequest("input: must not be empty", param="input")
-    if len(inputs) > MAX_INPUTS:
-        raise InvalidRequest(f"input: at most {MAX_INPUTS} inputs per request, got {len(inputs)}", param="input")
-    for index, item in enumerate(inputs):
-        where = "input" if len(inputs) == 1 and not isinstance(raw, list) else f"input.{index}"
-        if not item:
-            raise InvalidRequest(f"{where}: must not be empty", param="input")
-        if isinstance(item, list) and any(token < 0 for token in item):
-            raise InvalidRequest(f"{where}: token ids must not be negative", param="input")
     return EmbeddingsRequest(parsed.model, inputs, parsed.encoding_format)
 
 
-class _Document(BaseModel):
+class RerankDocument(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     text: str
 
 
-class _RerankBody(BaseModel):
+class RerankBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     query: str = Field(min_length=1)
-    documents: list[str | _Document] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    documents: list[str | RerankDocument] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     model: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME)
-    top_n: int | None = Field(None, ge=1)
+    top_n: Annotated[int, Field(ge=1), _AS_INTEGER] | None = None
     return_documents: bool = False
 
 
@@ -256,7 +269,7 @@ def parse_rerank(body: object) -> RerankRequest:
     `documents` is one of those."""
     values = _object(body)
     try:
-        parsed = _RerankBody.model_validate(values)
+        parsed = RerankBody.model_validate(values)
     except ValidationError as exc:
         error = _invalid(exc)
         if error.param and error.param.startswith("documents."):
