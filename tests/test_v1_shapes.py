@@ -11,8 +11,17 @@ import pytest
 import trio
 from zenow.errors import InvalidRequest, UpstreamError
 from zenow.servers import ServerStatus
-from zenow.v1 import ModelBusy, ModelGate, ModelNotLoaded, parse_chat_completion, parse_embeddings, parse_rerank
+from zenow.v1 import (
+    CompletionStream,
+    ModelBusy,
+    ModelGate,
+    ModelNotLoaded,
+    parse_chat_completion,
+    parse_embeddings,
+    parse_rerank,
+)
 from zenow.v1._shapes import (
+    DONE,
     MAX_TOKENS_LIMIT,
     embeddings_response,
     error_event,
@@ -311,3 +320,22 @@ def test_an_integral_float_is_an_integer_as_json_schema_says_but_a_string_or_boo
     assert parse_rerank({"query": "q", "documents": ["a"], "top_n": 2.0}).top_n == 2
     for value in (5.5, "5", True):
         assert bad(parse_chat_completion, {"messages": HELLO, "max_tokens": value}).param == "max_tokens"
+
+
+async def test_a_stream_that_stops_without_done_still_ends_with_an_error_event_and_done():
+    send, receive = trio.open_memory_channel[bytes](4)
+    stream = CompletionStream(receive, trio.CancelScope())
+    async with send:
+        await send.send(sse({"choices": []}))
+    got = [frame async for frame in stream.frames()]
+    assert got[0] == sse({"choices": []}) and got[-1] == DONE
+    assert json.loads(got[1][6:])["error"]["code"] == "stream_interrupted"
+
+
+async def test_cancelling_a_stream_cancels_its_upstream_scope_and_closes_the_channel():
+    send, receive = trio.open_memory_channel[bytes](4)
+    stream = CompletionStream(receive, trio.CancelScope())
+    stream.cancel()
+    assert stream.scope.cancel_called
+    with pytest.raises(trio.BrokenResourceError):
+        send.send_nowait(DONE)
