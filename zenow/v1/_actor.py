@@ -54,9 +54,11 @@ class ChatStreamCall:
 
 class UpstreamActor(Actor):
     def __init__(self, read_timeout: float = READ_TIMEOUT) -> None:
+        # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
+        # a pool limit here would fail the request beyond it after the pool timeout instead.
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=8),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
         )
 
     async def teardown(self) -> None:
