@@ -27,7 +27,6 @@ from zenow.client._sse import sse_data
 from tests.support.file_server import FileServer
 from tests.support.harness import REPO, create_session, make_settings, start_zenow, wait_for, wait_status
 
-HOOKS = "needs status/download publishing hooks"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -228,7 +227,6 @@ async def test_pull_interrupted_keeps_a_part_and_a_second_pull_resumes_it(zenow,
     assert served.ranges_asked == [None, f"bytes={256 * 1024}-"]  # resumed, not fetched again
 
 
-@pytest.mark.xfail(reason=HOOKS, strict=True)
 async def test_pull_progress_comes_from_the_live_events(zenow, files):
     files.add("/slow.gguf", gguf(2 * 1024 * 1024), trickle=0.02, chunk_size=32 * 1024)  # about 1.3 s
     url = files.url("/slow.gguf")

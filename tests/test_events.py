@@ -1,8 +1,7 @@
 """Live events: the hub on its own, then `/api/events` (SSE) and `/api/ws` (WebSocket) over real sockets.
 
 The WebSocket client is trio-websocket.  Server-status and download-progress events come
-from the server and download actors; the tests that need them are marked xfail until
-those actors publish (see `HOOKS`).
+from the server and download actors, session and registry events from the store.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from zenow.store import MessageInfo, ModelInfo, SessionInfo
 from tests.support.file_server import FileServer
 from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
 
-HOOKS = "needs status/download publishing hooks"
 
 SESSION = SessionInfo(id=7, session_name="hello", created_at="2026-01-26T10:30:00",
                       updated_at="2026-01-26T10:30:00", message_count=0, total_tokens=0)
@@ -446,7 +444,6 @@ async def test_a_completed_download_announces_its_model(zenow, nursery):
     assert model["path"] == str(zenow.settings.mode_dir("embed") / "Tiny-Q4_0.gguf")
 
 
-@pytest.mark.xfail(reason=HOOKS, strict=True)
 async def test_download_progress_comes_in_order_and_ends_in_completed(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
@@ -487,7 +484,6 @@ async def test_a_running_download_is_in_the_snapshot(zenow, nursery):
         served.release.set()
 
 
-@pytest.mark.xfail(reason=HOOKS, strict=True)
 async def test_a_parameter_change_is_announced(zenow):
     async with subscribed(zenow.client, types="parameters") as (events, _):
         response = await zenow.client.post("/api/models/update_param", params={"mode": "embed"},

@@ -19,10 +19,8 @@ from tests.test_events import _stalled_subscriber, subscribed, ws_url
 
 pytestmark = pytest.mark.real_llama
 
-HOOKS = "needs status/download publishing hooks"
 
 
-@pytest.mark.xfail(reason=HOOKS, strict=True)
 async def test_a_loading_model_is_seen_starting_then_running(nursery, tmp_path, llama_server, smollm2):
     home = tmp_path / "home"
     (home / "models" / "llm").mkdir(parents=True)

@@ -15,6 +15,7 @@ from quart_schema import QuartSchema, RequestSchemaValidationError
 from quart_schema.openapi import OpenAPIProvider
 from quart_schema.validation import DataSource
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
@@ -76,7 +77,7 @@ def is_loopback(address: str) -> bool:
 KEY_IN_QUERY_PATHS = frozenset({"/api/events", "/api/ws"})
 
 
-def presented_key(headers: Mapping[str, str], path: str, args: Mapping[str, str]) -> str | None:
+def presented_key(headers: Headers | Mapping[str, str], path: str, args: Mapping[str, str]) -> str | None:
     """The API key a request carries: `Authorization: Bearer KEY`, `x-api-key: KEY`, or
     `?api_key=KEY` on the routes in `KEY_IN_QUERY_PATHS`."""
     authorization = headers.get("Authorization", "")

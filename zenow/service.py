@@ -174,9 +174,9 @@ async def _run(
             for mode in MODES:
                 board = ServerBoard()
                 ref = await supervisor.start(
-                    f"{mode} server", partial(ServerActor, mode, settings, store, board, downloads)
+                    f"{mode} server", partial(ServerActor, mode, settings, store, board)
                 )
-                servers[mode] = ServerHandle(mode, ref, board, upstream)
+                servers[mode] = ServerHandle(mode, ref, board, upstream, store, downloads)
             tokens = TokenCounter(servers["llm"].tokenize_count)
             events.set_snapshot_provider(partial(current_state, servers, downloads))
             openai = OpenAIGateway(await supervisor.start("v1 upstream actor", UpstreamActor), store, servers)

@@ -68,6 +68,7 @@ import trio
 from .. import __version__
 from ..actor import Actor, ActorRef
 from ..errors import DownloadFailed, DownloadNotFound, InvalidRequest, ZenowError
+from ..events import DownloadProgress
 from ..settings import Settings, is_mode
 from ..store import DownloadRecord, Store
 from . import _files as files
@@ -331,6 +332,7 @@ class DownloadActor(Actor):
         download.outcome = _Outcome()
         download.scope = trio.CancelScope()
         self._downloads[target.url] = download
+        self._announce(download.record())
         self.nursery.start_soon(self._transfer, download, name=f"download {target.shown_url}")
         return _Begun(download.record(), download.outcome)
 
@@ -413,6 +415,7 @@ class DownloadActor(Actor):
         download = _Download(replace(target, sha256=sha256), "completed", existing.size, existing.size, None)
         await self._store.save_download(download.record())
         self._downloads[target.url] = download
+        self._announce(download.record())
         log.info("%s: using the file already at %s", target.shown_url, existing.path)
         return _Begun(download.record(), None)
 
@@ -442,6 +445,10 @@ class DownloadActor(Actor):
         if download is None:
             raise DownloadNotFound(f"No download for url {redact_url(url)!r}")
         return download
+
+    def _announce(self, record: DownloadRecord) -> None:
+        """Tell listeners where a download is (the hub paces progress to a few events a second)."""
+        self._store.events.publish(DownloadProgress.of(record))
 
     def _final_path(self, target: DownloadTarget) -> Path:
         return path_in_folder(self._settings.mode_dir(target.mode), target.filename)
@@ -490,6 +497,7 @@ class DownloadActor(Actor):
                     log.log(logging.INFO if error == INTERRUPTED else logging.WARNING,
                             "could not save the state of the download of %s: %s", shown, exc)
             outcome.publish(record)
+            self._announce(record)
             if error is None:
                 log.info("downloaded %s to %s", shown, self._final_path(download.target))
             else:
@@ -560,6 +568,7 @@ class DownloadActor(Actor):
                 offset, total = _accepted_range(response, offset, download.total)
                 self._check_size(total)
                 download.downloaded, download.total = offset, total
+                self._announce(download.record())
                 if total is not None and offset == total:
                     return  # a 416 for a .part that was already complete
                 await self._check_room(part.parent, 0 if total is None else total - offset,
@@ -655,6 +664,7 @@ class DownloadActor(Actor):
                     buffer += chunk
                     received += len(chunk)
                     download.downloaded += len(chunk)
+                    self._announce(download.record())
                     if not magic_checked and len(buffer) >= len(files.GGUF_MAGIC):
                         if not buffer.startswith(files.GGUF_MAGIC):
                             raise _Failure(f"the server's response is not a GGUF file ({_described(response)})",

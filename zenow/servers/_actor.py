@@ -39,6 +39,7 @@ import trio
 
 from ..actor import Actor, ActorRef
 from ..errors import InvalidModelFile, InvalidRequest, ModelNotFound, ServerStartFailed, ZenowError
+from ..events import EventHub, ParametersChanged, ServerStatusEvent
 from ..settings import Mode, Settings
 from ..store import ModelInfo, Store
 from . import _memory
@@ -88,15 +89,6 @@ class ServerStatus:
     def is_running(self) -> bool:
         return self.status == "running"
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "model_name": self.model_name,
-            "model_path": self.model_path,
-            "is_running": self.is_running,
-            "error_message": self.error_message,
-        }
-
 
 @dataclass
 class ServerBoard:
@@ -106,9 +98,14 @@ class ServerBoard:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: What the header of the model the mode runs (or last tried to run) says.
     model_info: GGUFInfo | None = None
+    #: Where each status is announced (set by the server actor), and the mode it is of.
+    events: EventHub | None = None
+    mode: str = ""
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
+        if self.events is not None:
+            self.events.publish(ServerStatusEvent.of(self.mode, status))
 
 
 @dataclass(frozen=True)
@@ -159,17 +156,15 @@ class ServerActor(Actor):
 
     `memory` says how many bytes a new child may use (default: MemAvailable from
     /proc/meminfo); `cores` how many CPU cores zenow may use (default: its affinity).
-    `downloads` is only handed on to a `ServerHandle` built without one.
     """
 
     def __init__(self, mode: Mode, settings: Settings, store: Store, board: ServerBoard,
-                 downloads: Downloads | None = None, *, memory: _memory.MemoryProbe | None = None,
-                 cores: int | None = None) -> None:
+                 *, memory: _memory.MemoryProbe | None = None, cores: int | None = None) -> None:
         self.mode = mode
         self.settings = settings
         self.store = store
         self.board = board
-        self.downloads = downloads
+        board.events, board.mode = store.events, mode
         self._memory = memory if memory is not None else _memory.mem_available
         self._cores = cores if cores is not None else _memory.usable_cores()
         self._child: _Child | None = None
@@ -273,6 +268,8 @@ class ServerActor(Actor):
         await self.store.set_parameters(self.mode, update.stored)
         self._params, self._context_overflow = update.parameters, update.context_overflow
         self.board.parameters = dict(update.parameters)
+        self.store.events.publish(ParametersChanged(mode=self.mode, parameters=dict(update.parameters),
+                                                    requires_restart=requires_restart))
         if restart and child is not None:
             try:
                 await self._switch_to(child.model, fall_back=False)
@@ -316,9 +313,6 @@ class ServerActor(Actor):
             log.error("%s: %s", self.mode, message)
             self._fail(model, message)
 
-    async def _handles_need(self) -> tuple[Store, Downloads | None]:
-        """What a `ServerHandle` built without a store and downloads uses (see its constructor)."""
-        return self.store, self.downloads
 
     # ------------------------------------------------------------ internals
 
@@ -568,12 +562,11 @@ async def _close_quietly(log_file: Any) -> None:
 class ServerHandle:
     """What other code holds for one mode's server.
 
-    `store` and `downloads` let `load` find and download a model in the caller's task;
-    when they are not given (the older constructor), `load` asks the actor for them.
+    `store` and `downloads` let `load` find and download a model in the caller's task.
     """
 
     def __init__(self, mode: Mode, ref: ActorRef[ServerActor], board: ServerBoard, http: httpx.AsyncClient,
-                 store: Store | None = None, downloads: Downloads | None = None) -> None:
+                 store: Store, downloads: Downloads) -> None:
         self.mode = mode
         self._ref = ref
         self._board = board
@@ -606,10 +599,7 @@ class ServerHandle:
         `ServerStartFailed`.  Cancelling the call stops waiting for a download, not
         the download; once the actor was asked, the switch completes all the same.
         """
-        if self._store is not None:
-            store, downloads = self._store, self._downloads
-        else:
-            store, downloads = await self._ref.call(ServerActor._handles_need)
+        store, downloads = self._store, self._downloads
         model = await store.find_model(self.mode, model_name)
         if model is None or not model.is_downloaded:
             if not download_url:
@@ -621,8 +611,6 @@ class ServerHandle:
                 raise InvalidModelFile(
                     f"Model file not found: {model.path}; give a download_url to download it again"
                 )
-            if downloads is None:
-                raise ServerStartFailed("Downloads are not available")
             await downloads.fetch(download_url, f"{model_name}.gguf", self.mode)
             # the download registered the file under its name without .gguf: this name
             model = await store.find_model(self.mode, model_name)
