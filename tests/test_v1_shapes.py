@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+
 from zenow.errors import InvalidRequest, UpstreamError
 from zenow.servers import ServerStatus
 from zenow.v1 import (
