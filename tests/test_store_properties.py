@@ -125,3 +125,14 @@ async def test_backup_while_zenow_runs_restores_every_session(nursery, tmp_path)
         listing = (await again.client.get("/api/sessions")).json()
         assert listing["total"] == 20
         assert {s["message_count"] for s in listing["sessions"]} == {1}
+
+
+def test_a_stored_parameter_that_is_not_json_is_left_out_and_the_others_kept(tmp_path, caplog):
+    conn = q.open_database(tmp_path / "zenow.db")
+    try:
+        q.set_parameters(conn, "llm", {"temperature": 0.3, "threads": 2})
+        conn.execute("UPDATE parameters SET value = 'not json {' WHERE key = 'threads'")
+        assert q.get_parameters(conn, "llm") == {"temperature": 0.3}
+        assert "llm.threads is not JSON" in caplog.text
+    finally:
+        conn.close()

@@ -8,6 +8,7 @@ rows and let `sqlite3.Error` through (the actor translates it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from datetime import datetime
@@ -19,6 +20,8 @@ from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
 from ._schema import migrate
 
 BUSY_TIMEOUT_MS = 5000
+
+log = logging.getLogger(__name__)
 
 
 def now() -> str:
@@ -253,9 +256,19 @@ def set_current_model(conn: sqlite3.Connection, mode: str, model_id: int | None)
 
 
 def get_parameters(conn: sqlite3.Connection, mode: str) -> dict[str, Any]:
-    """The stored (non-default) parameters of a mode, decoded from JSON."""
+    """The stored (non-default) parameters of a mode, decoded from JSON.
+
+    A value that is not JSON (written by hand, or by something else) is left out and
+    logged: the mode then uses that parameter's default, and keeps every other one.
+    """
     rows = conn.execute("SELECT key, value FROM parameters WHERE mode = ?", (mode,)).fetchall()
-    return {key: json.loads(value) for key, value in rows}
+    decoded: dict[str, Any] = {}
+    for key, value in rows:
+        try:
+            decoded[key] = json.loads(value)
+        except (TypeError, ValueError):
+            log.warning("stored parameter %s.%s is not JSON (%r); using its default", mode, key, value)
+    return decoded
 
 
 def set_parameters(conn: sqlite3.Connection, mode: str, values: dict[str, Any]) -> None:
