@@ -177,3 +177,41 @@ async def test_a_switch_waits_for_the_stream_in_flight_and_never_cuts_it(
     finished = events(event_log, "stream_finished")
     started = [e for e in events(event_log, "listening")]
     assert len(started) == 2 and finished[0]["time"] < started[1]["time"]  # b started only after a's stream ended
+
+
+async def test_a_switch_waits_for_an_api_chat_stream_and_never_cuts_it(
+        nursery, tmp_path, tiny_models, monkeypatch, event_log,
+):
+    """A session's /api/chat stream holds the running model too: /v1 naming another model waits."""
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.02")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "30")
+    async with fake_zenow(nursery, tmp_path, tiny_models["llm"]) as zenow:
+        loaded = await zenow.client.post("/api/models/load", json={"model_name": "fake-a", "mode": "llm"})
+        assert loaded.status_code == 200, loaded.text
+        sid = (await zenow.client.post("/api/sessions", json={"first_message": "hi"})).json()["session_id"]
+        streamed = {}
+        switched = {}
+
+        async def chat_on_a(task_status=trio.TASK_STATUS_IGNORED):
+            body = {"session_id": sid, "stream": True, "messages": [{"role": "user", "content": "hello there"}]}
+            async with zenow.client.stream("POST", "/api/chat", json=body) as response:
+                task_status.started()
+                streamed["raw"] = "".join([text async for text in response.aiter_text()])
+
+        async def ask_b():
+            switched["answer"] = await zenow.client.post("/v1/chat/completions", json={**ASK, "model": "fake-b"})
+
+        async with trio.open_nursery() as both:
+            await both.start(chat_on_a)
+            await wait_for(lambda: first(event_log, "token_sent"), what="the chat to start streaming")
+            both.start_soon(ask_b)
+        messages = (await zenow.client.get(f"/api/sessions/{sid}/messages")).json()["messages"]
+    events_ = frames(streamed["raw"])
+    assert events_[-1] == "[DONE]" and all("error" not in e for e in events_[:-1])
+    assert len(events_) == 31  # 30 deltas, whole
+    assert switched["answer"].status_code == 200, switched["answer"].text
+    assert switched["answer"].json()["model"] == "fake-b"
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    finished = events(event_log, "stream_finished")
+    started = events(event_log, "listening")
+    assert len(started) == 2 and finished[0]["time"] < started[1]["time"]  # b started only after the chat ended

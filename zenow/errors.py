@@ -14,7 +14,10 @@ the exception is the `detail` the client sees::
     │   ├── ModelNotFound
     │   └── DownloadNotFound
     ├── ServerNotRunning          400: the mode's llama-server is not running
+    │   └── ModelNotLoaded        503: nothing runs and the request named no model (`/v1`)
     ├── ServerStartFailed         500: llama-server did not come up; says why
+    │   └── ModelLoadFailed       500: the model a request named did not start
+    ├── ModelBusy                 409: a switch of model waited too long for requests in flight
     ├── UpstreamError             502: llama-server answered badly or went away
     ├── DownloadFailed            the download ended in `failed`; says why
     ├── StoreError                500: the database failed (translated from sqlite3)
@@ -38,6 +41,9 @@ __all__ = [
     "InvalidMode",
     "InvalidModelFile",
     "InvalidRequest",
+    "ModelBusy",
+    "ModelLoadFailed",
+    "ModelNotLoaded",
     "ModelNotFound",
     "NotFound",
     "ServerNotRunning",
@@ -139,6 +145,31 @@ class ActorCrashed(ZenowError):
 
 class ActorUnavailable(ZenowError):
     status_code = 503
+
+
+class ModelNotLoaded(ServerNotRunning):
+    """No model of the route's mode is running and the request did not name one."""
+
+    status_code = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_not_loaded")
+
+
+class ModelLoadFailed(ServerStartFailed):
+    """The model a request named did not start; the message says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_load_failed")
+
+
+class ModelBusy(ZenowError):
+    """Switching to the named model would cut requests still being answered by the running one."""
+
+    status_code = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_busy")
 
 
 def single_cause(error: BaseException) -> BaseException:

@@ -28,8 +28,16 @@ import outcome
 import trio
 
 from ..actor import Actor, ActorRef
-from ..errors import ActorCrashed, ActorUnavailable, ContextOverflow, ServerNotRunning, UpstreamError, ZenowError
-from ..servers import ServerHandle
+from ..errors import (
+    ActorCrashed,
+    ActorUnavailable,
+    ContextOverflow,
+    ModelNotLoaded,
+    ServerNotRunning,
+    UpstreamError,
+    ZenowError,
+)
+from ..servers import ServerHandle, ServerStatus
 from ..store import Store
 from ..tokens import TokenCounter
 from ._events import Delta, Failed, Finished, StreamEvent
@@ -193,28 +201,49 @@ class ChatStreamerActor(Actor):
         try:
             async with send, lock:
                 try:
-                    endpoint = self.llm.status().endpoint  # read under the lock: it may have restarted
-                    if endpoint is None:
-                        raise ServerNotRunning(NOT_RUNNING)
-                    messages = await self._store_and_build(prepared)
+                    # A lease on the running model, taken under the session lock (it may have
+                    # restarted meanwhile): a /v1 request switching the llm model waits for it.
+                    try:
+                        status, lease = await self.llm.gate.enter(None)
+                    except ModelNotLoaded:
+                        raise ServerNotRunning(NOT_RUNNING) from None
                 except ZenowError as exc:
                     with trio.move_on_after(1):
                         await send.send(Failed(str(exc)))
                     return
-                closing: StreamEvent | None = None
                 try:
-                    with scope:
-                        closing = await self._stream_upstream(endpoint, prepared, messages, parts, send)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the consumer went away; the upstream request is closed by now
+                    await self._generate_leased(prepared, status, send, scope, parts)
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await self._save_reply(request.session_id, "".join(parts))
-                if closing is not None:  # sent after the save: a client that saw the end finds the reply stored
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await send.send(closing)
+                    lease.release()
         finally:
             self._release(request.session_id)
+
+    async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
+                               send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
+                               parts: list[str]) -> None:
+        """Store the request, stream the reply from `status`'s server into `send`, save it."""
+        request = prepared.request
+        endpoint = status.endpoint
+        try:
+            if endpoint is None:  # the gate hands out running models only
+                raise ServerNotRunning(NOT_RUNNING)
+            messages = await self._store_and_build(prepared)
+        except ZenowError as exc:
+            with trio.move_on_after(1):
+                await send.send(Failed(str(exc)))
+            return
+        closing: StreamEvent | None = None
+        try:
+            with scope:
+                closing = await self._stream_upstream(endpoint, prepared, messages, parts, send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer went away; the upstream request is closed by now
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._save_reply(request.session_id, "".join(parts))
+        if closing is not None:  # sent after the save: a client that saw the end finds the reply stored
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await send.send(closing)
 
     async def _store_and_build(self, prepared: _Prepared) -> list[Turn]:
         """Store the request's messages, then return the whole prompt: system, history, request."""

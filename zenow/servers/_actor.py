@@ -44,6 +44,7 @@ from ..settings import Mode, Settings
 from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
+from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
 from ._gguf import GGUFInfo, read_gguf_info
 from ._params import (
     SERVER_KEYS,
@@ -568,6 +569,8 @@ class ServerHandle:
     def __init__(self, mode: Mode, ref: ActorRef[ServerActor], board: ServerBoard, http: httpx.AsyncClient,
                  store: Store, downloads: Downloads) -> None:
         self.mode = mode
+        #: Leases on the running model and the switches that wait for them (see `_gate`).
+        self.gate = ModelGate(self, DEFAULT_SWITCH_WAIT)
         self._ref = ref
         self._board = board
         self._http = http

@@ -5,13 +5,13 @@ server actors.
 upstream request in flight; `_shapes` is the pure request and answer shaping.
 """
 
+from ..servers import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT
+from ..servers import Lease as Lease
+from ..servers import ModelGate as ModelGate
 from ._actor import UpstreamActor as UpstreamActor
 from ._errors import ModelBusy as ModelBusy
 from ._errors import ModelLoadFailed as ModelLoadFailed
 from ._errors import ModelNotLoaded as ModelNotLoaded
-from ._gate import Lease as Lease
-from ._gate import ModelGate as ModelGate
-from ._gateway import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT
 from ._gateway import CompletionStream as CompletionStream
 from ._gateway import OpenAIGateway as OpenAIGateway
 from ._shapes import ChatCompletionBody as ChatCompletionBody

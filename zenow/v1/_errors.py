@@ -1,4 +1,4 @@
-"""The errors only `/v1` raises, each a subclass of a `zenow.errors` class::
+"""The errors `/v1` raises, defined with the rest in `zenow.errors`::
 
     ServerNotRunning
     └── ModelNotLoaded      503: the mode runs no model and the request named none
@@ -10,31 +10,8 @@
 
 from __future__ import annotations
 
-from ..errors import ServerNotRunning, ServerStartFailed, ZenowError
+from ..errors import ModelBusy as ModelBusy
+from ..errors import ModelLoadFailed as ModelLoadFailed
+from ..errors import ModelNotLoaded as ModelNotLoaded
 
 __all__ = ["ModelBusy", "ModelLoadFailed", "ModelNotLoaded"]
-
-
-class ModelNotLoaded(ServerNotRunning):
-    """No model of the route's mode is running and the request did not name one."""
-
-    status_code = 503
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_not_loaded")
-
-
-class ModelLoadFailed(ServerStartFailed):
-    """The model a request named did not start; the message says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_load_failed")
-
-
-class ModelBusy(ZenowError):
-    """Switching to the named model would cut requests still being answered by the running one."""
-
-    status_code = 409
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_busy")

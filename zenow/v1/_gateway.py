@@ -18,11 +18,10 @@ import trio
 
 from ..actor import ActorRef
 from ..errors import ActorUnavailable, InvalidRequest, ModelNotFound, UpstreamError
-from ..servers import ServerHandle
+from ..servers import Lease, ServerHandle
 from ..settings import MODES, Mode, is_mode
 from ..store import ModelInfo, Store
 from ._actor import ChatStreamCall, UpstreamActor, UpstreamCall
-from ._gate import Lease, ModelGate
 from ._shapes import (
     DONE,
     ChatCompletionRequest,
@@ -37,10 +36,9 @@ from ._shapes import (
     upstream_chat_payload,
 )
 
-__all__ = ["DEFAULT_SWITCH_WAIT", "CompletionStream", "OpenAIGateway"]
+__all__ = ["CompletionStream", "OpenAIGateway"]
 
 #: How long a request naming another model waits for the requests the running one is answering.
-DEFAULT_SWITCH_WAIT = 30.0
 #: Frames a stream buffers ahead of a slow client (backpressure reaches llama-server beyond it).
 FRAME_BUFFER = 32
 #: Texts with at most this many UTF-8 bytes fewer than the token limit are never tokenized to
@@ -79,12 +77,11 @@ class CompletionStream:
 class OpenAIGateway:
     """The `/v1` front door (see the module docstring); routes hold one, built by the service."""
 
-    def __init__(self, ref: ActorRef[UpstreamActor], store: Store, servers: Mapping[Mode, ServerHandle],
-                 switch_wait: float = DEFAULT_SWITCH_WAIT) -> None:
+    def __init__(self, ref: ActorRef[UpstreamActor], store: Store, servers: Mapping[Mode, ServerHandle]) -> None:
         self._ref = ref
         self._store = store
         self._servers = servers
-        self._gates = {mode: ModelGate(servers[mode], switch_wait) for mode in MODES}
+        self._gates = {mode: servers[mode].gate for mode in MODES}
 
     # ------------------------------------------------------------ models
 

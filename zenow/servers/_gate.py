@@ -1,4 +1,4 @@
-"""One mode's `/v1` traffic: leases on the running model, and switches that wait for them.
+"""One mode's traffic: leases on the running model, and switches that wait for them.
 
 A `/v1` request holds a `Lease` on the model that answers it from before it reads the
 endpoint until its upstream request has ended (a stream included).  A request naming
@@ -7,19 +7,26 @@ leases in flight to end (at most `switch_wait` seconds, else `ModelBusy`, 409), 
 the model through the mode's server actor, and lets the waiting requests go on.  So
 one `/v1` request never cuts another by switching the model under it.
 
-(Requests of `/api` do not take leases; see the report of issue 9 for the mechanism
-that makes `/api/chat` and `/api/models/load` take part.)
+`/api/chat` streams take a lease too, so a `/v1` request naming another llm model
+waits for them and never cuts a chat.  (`POST /api/models/load` switches at once, as the
+spec's load always has.)
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
-from ..errors import ServerStartFailed
-from ..servers import ServerHandle, ServerStatus
-from ._errors import ModelBusy, ModelLoadFailed, ModelNotLoaded
+from ..errors import ModelBusy, ModelLoadFailed, ModelNotLoaded, ServerStartFailed
 
-__all__ = ["Lease", "ModelGate"]
+if TYPE_CHECKING:
+    from ._actor import ServerHandle, ServerStatus
+
+__all__ = ["DEFAULT_SWITCH_WAIT", "Lease", "ModelGate"]
+
+#: Seconds a switch of model waits for the requests in flight before answering 409.
+DEFAULT_SWITCH_WAIT = 30.0
 
 
 class Lease:
