@@ -14,11 +14,13 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.support.harness import REPO
@@ -26,6 +28,10 @@ from tests.support.harness import REPO
 #: The parameters an update may name depend on the `mode` in the query string, which the
 #: schema cannot tie to the body; a schema-valid update naming another mode's key is a 400.
 EXCLUDED = {"/api/models/update_param": [positive_data_acceptance]}
+#: With no model loaded (this zenow has none) the /v1 routes answer a documented 503
+#: `model_not_loaded` to any valid request.
+for _path in ("/v1/chat/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking"):
+    EXCLUDED[_path] = [positive_data_acceptance, not_a_server_error]
 
 _SERVING = re.compile(r"zenow serving on (http://[\d.]+:\d+)")
 
@@ -46,6 +52,8 @@ def zenow_url() -> Iterator[str]:
                     break
             else:
                 raise AssertionError("zenow exited before serving")
+            # keep reading its log, or a full pipe would block zenow mid-request
+            threading.Thread(target=process.stderr.read, daemon=True).start()
             yield match.group(1)
         finally:
             process.terminate()
@@ -77,3 +85,4 @@ def test_every_documented_route_answers_within_its_documentation(api):
 
         answers_as_documented()
     assert "GET /api/sessions" in tried and "POST /api/models/update_param" in tried
+    assert "POST /v1/embeddings" in tried and "GET /v1/models" in tried

@@ -238,8 +238,10 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.errorhandler(ZenowError)
     async def zenow_error(error: ZenowError) -> Response:
-        if error.status_code >= 500:
+        if error.status_code == 500:  # zenow's own failure: the traceback helps
             log.error("%s %s failed: %s", request.method, request.path, error, exc_info=error)
+        elif error.status_code > 500:  # upstream, availability or storage: the reason says it all
+            log.warning("%s %s: %s %s", request.method, request.path, error.status_code, error)
         return _detail(error.status_code, error.detail, param=error.param, code=error.code)
 
     @app.errorhandler(HTTPException)
