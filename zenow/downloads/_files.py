@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..servers import GGUF_MAGIC, has_gguf_magic
+
 __all__ = [
     "GGUF_MAGIC",
     "ExistingFile",
@@ -25,7 +27,6 @@ __all__ = [
     "sha256_of",
 ]
 
-GGUF_MAGIC = b"GGUF"
 _HASH_BLOCK = 1 << 20
 
 
@@ -40,15 +41,6 @@ def file_size(path: Path) -> int:
         return path.stat().st_size if path.is_file() else 0
     except FileNotFoundError:
         return 0
-
-
-def has_gguf_magic(path: Path) -> bool:
-    """Whether the file starts with the GGUF magic; False when it is missing or shorter."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-    except FileNotFoundError:
-        return False
 
 
 def sha256_of(path: Path) -> str:
