@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from ..chat import DONE, ChatRequest, sse
 from ..errors import InvalidRequest
 from ._context import services
 from ._shapes import ChatAnswer, documented
+from ._sse import sse_response
 from ._validation import describe_validation_error
 from .sessions import SQL_INT_MAX
 
@@ -84,24 +84,11 @@ async def chat() -> Response | dict[str, Any]:
 
     stream = await streamer.open(chat_request)
 
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async for event in stream.events:
-                frame = sse(event)
-                if frame is not None:
-                    yield frame
-            yield DONE
-        finally:
-            stream.cancel()  # on disconnect: stop generation upstream now
+    async def frames() -> AsyncIterator[bytes]:
+        async for event in stream.events:
+            frame = sse(event)
+            if frame is not None:
+                yield frame
+        yield DONE
 
-    body_events = events()
-    # If the client is gone before the body is first iterated, the generator's `finally`
-    # never runs; dropping the generator then stops the generation all the same.
-    weakref.finalize(body_events, stream.cancel)
-    response = Response(body_events, status=200, headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    response.timeout = None  # a reply on a CPU can take minutes; never cut it
-    return response
+    return sse_response(frames(), stream.cancel)

@@ -41,6 +41,7 @@ from quart_schema import hide
 from ..errors import InvalidRequest
 from ..events import parse_types
 from ._context import services
+from ._sse import sse_response
 
 __all__ = ["PING", "PING_INTERVAL", "bp"]
 
@@ -74,13 +75,7 @@ async def event_stream() -> Response:
                         return
                 yield frame
 
-    response = Response(frames(), status=200, headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    response.timeout = None  # Quart would cut the body after 60 s
-    return response
+    return sse_response(frames(), lambda: None)  # the subscription closes with its `with`
 
 
 def _refused(status: int, detail: str) -> Response:

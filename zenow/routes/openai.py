@@ -6,8 +6,7 @@ renders every `ZenowError` raised on a `/v1` path that way).
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -27,6 +26,7 @@ from ..v1 import (
     parse_rerank,
 )
 from ._context import services
+from ._sse import sse_response
 
 bp = Blueprint("openai", __name__)
 
@@ -148,25 +148,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     if not body.stream:
         return await gateway.complete(body)
     stream = await gateway.open_stream(body)
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            async for frame in stream.frames():
-                yield frame
-        finally:
-            stream.cancel()  # on disconnect: stop generation upstream now
-
-    body_events = events()
-    # A client gone before the body is first iterated never runs the generator's `finally`;
-    # dropping the generator then stops the generation all the same.
-    weakref.finalize(body_events, stream.cancel)
-    response = Response(body_events, status=200, headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    response.timeout = None  # a reply on a CPU can take minutes; never cut it
-    return response
+    return sse_response(stream.frames(), stream.cancel)
 
 
 @bp.post("/v1/embeddings")
