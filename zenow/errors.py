@@ -66,11 +66,14 @@ class ZenowError(Exception):
     """
 
     status_code = 500
+    #: The `param` and `code` of every instance that does not give its own.
+    default_param: str | None = None
+    default_code: str | None = None
 
     def __init__(self, *args: object, param: str | None = None, code: str | None = None) -> None:
         super().__init__(*args)
-        self.param = param
-        self.code = code
+        self.param = param if param is not None else self.default_param
+        self.code = code if code is not None else self.default_code
 
     @property
     def detail(self) -> str:
@@ -151,25 +154,20 @@ class ModelNotLoaded(ServerNotRunning):
     """No model of the route's mode is running and the request did not name one."""
 
     status_code = 503
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_not_loaded")
+    default_param, default_code = "model", "model_not_loaded"
 
 
 class ModelLoadFailed(ServerStartFailed):
     """The model a request named did not start; the message says why."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_load_failed")
+    default_param, default_code = "model", "model_load_failed"
 
 
 class ModelBusy(ZenowError):
     """Switching to the named model would cut requests still being answered by the running one."""
 
     status_code = 409
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model", code="model_busy")
+    default_param, default_code = "model", "model_busy"
 
 
 def single_cause(error: BaseException) -> BaseException:

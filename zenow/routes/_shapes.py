@@ -53,13 +53,8 @@ class CreatedSession(BaseModel):
     session_name: str
 
 
-class Session(BaseModel):
-    id: int
-    session_name: str
-    created_at: str
-    updated_at: str
-    message_count: int
-    total_tokens: int
+#: A session as the spec shows it: the store's record, field for field.
+Session = SessionInfo
 
 
 class SessionList(BaseModel):
@@ -67,13 +62,8 @@ class SessionList(BaseModel):
     total: int
 
 
-class Message(BaseModel):
-    id: int
-    session_id: int
-    role: Literal["user", "assistant", "system"]
-    content: str
-    token_count: int
-    created_at: str
+#: A message as the spec shows it: the store's record, field for field.
+Message = MessageInfo
 
 
 class MessageList(BaseModel):
@@ -204,7 +194,7 @@ class DefaultUrls(BaseModel):
     browser_path: str
 
 
-def documented(answer: type[BaseModel] | None, *errors: int, query: type[BaseModel] | None = None,
+def documented(answer: type[Any] | None, *errors: int, query: type[BaseModel] | None = None,
                body: type[BaseModel] | None = None) -> Callable[[F], F]:
     """Document a route in `/openapi.json`: its 200 answer, its query string or body when the
     route reads them itself, and its error answers (`COMMON_ERRORS` plus `errors`)."""
