@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import httpx
 import pytest
 import trio
 
-from tests.support.harness import RunningZenow, start_zenow, make_settings
+from tests.support.harness import RunningZenow, make_settings, start_zenow
 
 
 @pytest.fixture

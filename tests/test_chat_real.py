@@ -10,10 +10,10 @@ import shutil
 import httpx
 import pytest
 import trio
-from zenow.chat import Turn, history_within
 
 from tests.support.harness import make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
+from zenow.chat import Turn, history_within
 
 pytestmark = pytest.mark.real_llama
 
@@ -150,7 +150,7 @@ async def test_the_specs_javascript_example_streams_under_node(smol, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     printed = result.stdout.decode()
     sessions = (await smol.client.get("/api/sessions")).json()["sessions"]
-    assert sessions[0]["session_name"] == "你好，请介绍一下自己"  # noqa: RUF001 - the spec's own text
+    assert sessions[0]["session_name"] == "你好，请介绍一下自己"
     saved = await messages(smol.client, sessions[0]["id"])
     assert saved[-1]["role"] == "assistant" and saved[-1]["content"]
     assert printed.replace("\n", "") == saved[-1]["content"].replace("\n", "")

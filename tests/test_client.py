@@ -21,11 +21,11 @@ import time
 import pexpect
 import pytest
 import trio
-from zenow.client._output import human_size, human_time
-from zenow.client._sse import sse_data
 
 from tests.support.file_server import FileServer
 from tests.support.harness import REPO, create_session, make_settings, start_zenow, wait_for, wait_status
+from zenow.client._output import human_size, human_time
+from zenow.client._sse import sse_data
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

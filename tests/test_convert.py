@@ -16,9 +16,9 @@ import gguf
 import httpx
 import numpy as np
 import pytest
-from zenow.convert import CONVERTER_VERSION, ConversionFailed, convert_bert, packaged_minilm_gguf
 
 from tests.support.minilm import MiniLMReference, minilm_gguf, minilm_source_dir
+from zenow.convert import CONVERTER_VERSION, ConversionFailed, convert_bert, packaged_minilm_gguf
 
 pytestmark = pytest.mark.real_llama
 

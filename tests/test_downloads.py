@@ -22,14 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from zenow.actor import Supervisor
-from zenow.downloads import CANCELLED, INTERRUPTED, DownloadActor, DownloadPolicy, Downloads, FileAlreadyExists
-from zenow.errors import DownloadFailed, DownloadNotFound, InvalidRequest
-from zenow.store import Store, StoreActor
 
 from tests.support.file_server import FileServer, SeenRequest
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
+from zenow.actor import Supervisor
+from zenow.downloads import CANCELLED, INTERRUPTED, DownloadActor, DownloadPolicy, Downloads, FileAlreadyExists
+from zenow.errors import DownloadFailed, DownloadNotFound, InvalidRequest
+from zenow.store import Store, StoreActor
 
 KB = 1024
 MB = 1024 * KB

@@ -18,10 +18,13 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
 import zenow.events
 import zenow.routes.events
 import zenow.service
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from tests.support.file_server import FileServer
+from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
 from zenow.errors import InvalidRequest
 from zenow.events import (
     EVENT_TYPES,
@@ -39,10 +42,6 @@ from zenow.events import (
     parse_types,
 )
 from zenow.store import MessageInfo, ModelInfo, SessionInfo
-
-from tests.support.file_server import FileServer
-from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
-
 
 SESSION = SessionInfo(id=7, session_name="hello", created_at="2026-01-26T10:30:00",
                       updated_at="2026-01-26T10:30:00", message_count=0, total_tokens=0)

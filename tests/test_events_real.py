@@ -9,13 +9,13 @@ from functools import partial
 
 import pytest
 import trio
+from trio_websocket import open_websocket_url
+
 import zenow.events
 import zenow.service
-from trio_websocket import open_websocket_url
-from zenow.events import EventHub
-
 from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for, wait_status
 from tests.test_events import _stalled_subscriber, subscribed, ws_url
+from zenow.events import EventHub
 
 pytestmark = pytest.mark.real_llama
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zenow.errors import InvalidModelFile
-from zenow.servers._gguf import GGML_BLOCK_SIZES, GGUFInfo, has_gguf_magic, read_gguf_info
 
 from tests.support.tiny_models import write_stub_model
+from zenow.errors import InvalidModelFile
+from zenow.servers._gguf import GGML_BLOCK_SIZES, GGUFInfo, has_gguf_magic, read_gguf_info
 
 # ---------------------------------------------------------------- a hand-made header, for hostile variants
 

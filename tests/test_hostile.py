@@ -48,7 +48,8 @@ async def test_numbers_sqlite_cannot_hold_are_a_400_and_no_crash(client, path, f
 
 async def test_a_chat_session_id_beyond_64_bits_is_a_400(client):
     for _ in range(8):
-        response = await client.post("/api/chat", json={"session_id": BIG, "messages": [{"role": "user", "content": "hi"}]})
+        response = await client.post("/api/chat", json={"session_id": BIG,
+                                                        "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400, response.text
         assert "session_id" in response.json()["detail"]
     await assert_healthy(client)
@@ -227,7 +228,7 @@ async def test_a_hundred_hostile_requests_of_every_kind_leave_zenow_serving_and_
         ("GET", "/api/sessions", {"headers": {"Host": "evil.example"}}),
     ]
     answers: dict[int, int] = {}
-    for round_ in range(5):
+    for _ in range(5):
         for method, path, kwargs in hostile:
             response = await client.request(method, path, **kwargs)
             answers[response.status_code] = answers.get(response.status_code, 0) + 1

@@ -7,6 +7,8 @@ import re
 import pytest
 import trio
 
+from tests.support.harness import add_message, create_session
+
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")
 
 
@@ -19,18 +21,6 @@ async def next_second():
         await trio.sleep(0.02)
 
 
-async def create(client, first_message="你好，请介绍一下自己"):
-    response = await client.post("/api/sessions", json={"first_message": first_message})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-async def add(client, session_id, role, content):
-    response = await client.post(f"/api/sessions/{session_id}/messages", json={"role": role, "content": content})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 async def test_health_identifies_zenow(client):
     response = await client.get("/api/health")
     assert response.status_code == 200
@@ -39,16 +29,16 @@ async def test_health_identifies_zenow(client):
 
 
 async def test_create_names_the_session_after_the_first_message(client):
-    created = await create(client, "你好，请介绍一下自己")
+    created = await create_session(client, "你好，请介绍一下自己")
     assert created == {"session_id": created["session_id"], "session_name": "你好，请介绍一下自己"}
     long = "x" * 30 + " " + "长" * 40
-    named = await create(client, long)
+    named = await create_session(client, long)
     assert named["session_name"] == long[:50]
     assert len(named["session_name"]) == 50
 
 
 async def test_detail_has_the_spec_shape(client):
-    sid = (await create(client))["session_id"]
+    sid = (await create_session(client))["session_id"]
     detail = (await client.get(f"/api/sessions/{sid}")).json()
     assert set(detail) == {"id", "session_name", "created_at", "updated_at", "message_count", "total_tokens"}
     assert detail["id"] == sid and detail["message_count"] == 0 and detail["total_tokens"] == 0
@@ -56,12 +46,12 @@ async def test_detail_has_the_spec_shape(client):
 
 
 async def test_messages_keep_counts_and_updated_at_in_step(client):
-    sid = (await create(client))["session_id"]
+    sid = (await create_session(client))["session_id"]
     before = (await client.get(f"/api/sessions/{sid}")).json()
     await next_second()
-    first = await add(client, sid, "user", "你好，请介绍一下自己")
-    second = await add(client, sid, "assistant", "Hello! I am an AI assistant, here to help.")
-    third = await add(client, sid, "system", "Be brief.")
+    first = await add_message(client, sid, "user", "你好，请介绍一下自己")
+    second = await add_message(client, sid, "assistant", "Hello! I am an AI assistant, here to help.")
+    third = await add_message(client, sid, "system", "Be brief.")
     assert first["token_count"] > 0 and second["token_count"] > 0
     assert third["message_id"] > second["message_id"] > first["message_id"]
 
@@ -81,17 +71,17 @@ async def test_messages_keep_counts_and_updated_at_in_step(client):
 
 
 async def test_message_limit_returns_the_newest_oldest_first(client):
-    sid = (await create(client))["session_id"]
+    sid = (await create_session(client))["session_id"]
     for i in range(5):
-        await add(client, sid, "user", f"message {i}")
+        await add_message(client, sid, "user", f"message {i}")
     newest = (await client.get(f"/api/sessions/{sid}/messages", params={"limit": 2})).json()
     assert [m["content"] for m in newest["messages"]] == ["message 3", "message 4"]
     assert newest["total_tokens"] == (await client.get(f"/api/sessions/{sid}")).json()["total_tokens"]
 
 
 async def test_list_is_newest_first_with_paging_and_total(client):
-    ids = [(await create(client, f"session {i}"))["session_id"] for i in range(4)]
-    await add(client, ids[0], "user", "bump the oldest")  # now the most recently updated
+    ids = [(await create_session(client, f"session {i}"))["session_id"] for i in range(4)]
+    await add_message(client, ids[0], "user", "bump the oldest")  # now the most recently updated
     page = (await client.get("/api/sessions")).json()
     assert page["total"] == 4
     assert [s["id"] for s in page["sessions"]] == [ids[0], ids[3], ids[2], ids[1]]
@@ -102,15 +92,15 @@ async def test_list_is_newest_first_with_paging_and_total(client):
 
 
 async def test_rename(client):
-    sid = (await create(client))["session_id"]
+    sid = (await create_session(client))["session_id"]
     response = await client.put(f"/api/sessions/{sid}/name", json={"new_name": "关于 AI 的讨论"})
     assert response.json() == {"success": True, "message": "Session name updated"}
     assert (await client.get(f"/api/sessions/{sid}")).json()["session_name"] == "关于 AI 的讨论"
 
 
 async def test_delete_takes_the_messages_with_it(client, zenow):
-    sid = (await create(client))["session_id"]
-    await add(client, sid, "user", "hello")
+    sid = (await create_session(client))["session_id"]
+    await add_message(client, sid, "user", "hello")
     response = await client.delete(f"/api/sessions/{sid}")
     assert response.json() == {"success": True, "message": "Session deleted"}
     assert (await client.get(f"/api/sessions/{sid}")).status_code == 404
@@ -122,8 +112,8 @@ async def test_delete_takes_the_messages_with_it(client, zenow):
 
 
 async def test_clear_messages_keeps_the_session(client):
-    sid = (await create(client))["session_id"]
-    await add(client, sid, "user", "hello")
+    sid = (await create_session(client))["session_id"]
+    await add_message(client, sid, "user", "hello")
     before = (await client.get(f"/api/sessions/{sid}")).json()
     await next_second()
     response = await client.delete(f"/api/sessions/{sid}/messages")
@@ -135,10 +125,10 @@ async def test_clear_messages_keeps_the_session(client):
 
 
 async def test_chinese_and_a_100_kb_message_round_trip(client):
-    sid = (await create(client, "中文会话"))["session_id"]
+    sid = (await create_session(client, "中文会话"))["session_id"]
     big = ("零一二三四五六七八九" * 3500)[:35_000]  # 105 KB of UTF-8
     assert len(big.encode()) > 100_000
-    added = await add(client, sid, "user", big)
+    added = await add_message(client, sid, "user", big)
     assert added["token_count"] >= 35_000 // 2
     messages = (await client.get(f"/api/sessions/{sid}/messages")).json()["messages"]
     assert messages[0]["content"] == big
@@ -164,7 +154,7 @@ async def test_chinese_and_a_100_kb_message_round_trip(client):
     ],
 )
 async def test_bad_input_is_a_400_naming_the_field(client, method, path, body, field):
-    sid = (await create(client))["session_id"]
+    sid = (await create_session(client))["session_id"]
     response = await client.request(method, path.format(sid=sid), json=body)
     assert response.status_code == 400, response.text
     assert field in response.json()["detail"]
@@ -172,7 +162,8 @@ async def test_bad_input_is_a_400_naming_the_field(client, method, path, body, f
 
 
 async def test_malformed_json_is_a_400(client):
-    response = await client.post("/api/sessions", content=b'{"first_message": ', headers={"Content-Type": "application/json"})
+    response = await client.post("/api/sessions", content=b'{"first_message": ',
+                                 headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert "JSON" in response.json()["detail"]
     assert (await client.get("/api/sessions")).json()["total"] == 0
@@ -208,13 +199,12 @@ async def test_openapi_document_lists_the_sessions_api(client):
 
 async def test_a_database_failure_is_a_500_with_detail_and_zenow_keeps_serving(nursery, tmp_path):
     import sqlite3
-    from dataclasses import replace
 
-    from tests.support.harness import start_zenow, make_settings
+    from tests.support.harness import make_settings, start_zenow
 
     settings = make_settings(tmp_path / "home", db_busy_timeout=0.2)
     async with start_zenow(nursery, settings) as zenow:
-        sid = (await create(zenow.client))["session_id"]
+        sid = (await create_session(zenow.client))["session_id"]
         blocker = sqlite3.connect(settings.database_path, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
         try:
@@ -224,5 +214,5 @@ async def test_a_database_failure_is_a_500_with_detail_and_zenow_keeps_serving(n
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
-        await add(zenow.client, sid, "user", "after the lock")
+        await add_message(zenow.client, sid, "user", "after the lock")
         assert (await zenow.client.get(f"/api/sessions/{sid}")).json()["message_count"] == 1

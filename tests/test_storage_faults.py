@@ -30,11 +30,10 @@ def small_disk(folder: Path, size: str = "4m") -> Iterator[Path]:
 def fill(folder: Path) -> Path:
     """Write a file until the disk is full; return it (delete it to make room again)."""
     filler = folder / "filler"
-    with filler.open("wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    with filler.open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
     return filler
 
 

@@ -77,8 +77,8 @@ def test_a_version_2_database_gets_its_counters_on_upgrade(tmp_path):
     for step in range(2):
         old.executescript(f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;")
     old.execute("INSERT INTO sessions (session_name, created_at, updated_at) VALUES ('s', 't', 't')")
-    old.executemany("INSERT INTO messages (session_id, role, content, token_count, created_at) VALUES (1, 'user', ?, ?, 't')",
-                    [("a", 3), ("b", 4)])
+    old.executemany("INSERT INTO messages (session_id, role, content, token_count, created_at)"
+                    " VALUES (1, 'user', ?, ?, 't')", [("a", 3), ("b", 4)])
     old.close()
     conn = q.open_database(path)
     try:

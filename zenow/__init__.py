@@ -6,4 +6,4 @@ cancelled).  Everything else is reached through the HTTP API.
 
 __version__ = "0.1.0"
 
-from .settings import Settings as Settings  # noqa: E402
+from .settings import Settings as Settings

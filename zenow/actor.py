@@ -162,7 +162,7 @@ class Actor:
             result = outcome.Error(exc)
             if request.reply is None:
                 log.warning("%s: %s", type(self).__name__, exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any other failure is a bug, reported to the caller
             # A bug, not an answer: the caller gets its own error naming it, and we
             # crash so the supervisor restarts us with fresh state.
             crash = exc

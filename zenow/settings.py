@@ -88,7 +88,7 @@ class Settings:
     #: The PATH searched for llama-server (captured at start).
     search_path: str = ""
     #: The user's cache directory, where ops/provide-llama-server.sh caches the binary it builds.
-    cache_root: Path = Path("~/.cache").expanduser()
+    cache_root: Path = field(default_factory=lambda: Path("~/.cache").expanduser())
     #: The largest model file a download may write (bytes); also the limit when no Content-Length is sent.
     max_download_size: int = 64 * 2**30
     #: Free space a download must leave on the file system of the mode's models folder (bytes).

