@@ -133,6 +133,20 @@ def _parser() -> argparse.ArgumentParser:
         "convert", add_help=False,
         help="convert a BERT embedding model (safetensors) to GGUF; 'zenow convert --help' for more",
     )
+    worker = commands.add_parser(
+        "worker",
+        help="lend this machine to another zenow's model (llama.cpp rpc-server, in the foreground)",
+        description="Run llama.cpp's rpc-server in the foreground, so that a zenow elsewhere can split a "
+        "model across this machine: there, set the mode's parameter rpc_servers to [\"HOST:PORT\"]. "
+        "rpc-server has NO authentication and no encryption: it listens on 127.0.0.1 unless --insecure; "
+        "reach it through an SSH tunnel (ssh -N -L 50052:127.0.0.1:50052 THIS-HOST on the zenow machine) "
+        "or bind it to a private network you trust.",
+    )
+    worker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, default=50052, help="port to listen on (default 50052)")
+    worker.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: rpc-server's)")
+    worker.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host: anyone who reaches the port can use this machine")
     backup = commands.add_parser(
         "backup",
         help="copy the database consistently, even while zenow runs",
@@ -144,6 +158,20 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument("--home", type=Path, default=None, help="zenow's home (env ZENOW_HOME; default ~/.cache/zenow)")
     add_client_commands(commands)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .worker import run_worker, worker_command
+
+    try:
+        argv = worker_command(Settings.from_environment(), args.host, args.port, args.threads, args.insecure)
+        print(f"zenow worker: {' '.join(argv)}", file=sys.stderr, flush=True)
+        run_worker(argv)
+    except ZenowError as exc:
+        print(f"zenow: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"zenow: cannot run rpc-server: {exc.strerror or exc}", file=sys.stderr)
+    return 1
 
 
 def _backup(args: argparse.Namespace) -> int:
@@ -189,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "backup":
         return _backup(args)
+    if args.command == "worker":
+        return _worker(args)
     if args.command in CLIENT_COMMANDS:
         return run_client_command(args)
     logging.basicConfig(

@@ -69,6 +69,8 @@ class Settings:
     insecure: bool = False
     #: llama-server binary; None means "look it up" (ZENOW_LLAMA_SERVER, PATH, the ops cache).
     llama_server: str | None = None
+    #: llama.cpp's rpc-server for `zenow worker`; None means "look it up" (see `find_rpc_server`).
+    rpc_server: str | None = None
     #: A GGUF file to register and load as the llm model when the home has none.
     default_llm: Path | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -138,6 +140,8 @@ class Settings:
             values["api_keys"] = (env["ZENOW_API_KEY"].strip(),)
         if env.get("ZENOW_LLAMA_SERVER"):
             values["llama_server"] = env["ZENOW_LLAMA_SERVER"]
+        if env.get("ZENOW_RPC_SERVER"):
+            values["rpc_server"] = env["ZENOW_RPC_SERVER"]
         if env.get("ZENOW_SYSTEM_PROMPT"):
             values["system_prompt"] = env["ZENOW_SYSTEM_PROMPT"]
         if env.get("ZENOW_DEFAULT_LLM"):

@@ -38,3 +38,27 @@ def find_llama_server(settings: Settings) -> str:
         "Failed to start llama-server: command not found. Run `make run` (it builds one with "
         "ops/provide-llama-server.sh), or set ZENOW_LLAMA_SERVER / --llama-server to an existing binary."
     )
+
+
+def find_rpc_server(settings: Settings) -> str:
+    """llama.cpp's RPC worker: the configured one (ZENOW_RPC_SERVER), else the `rpc-server` next to
+    the configured llama-server, else `rpc-server` on PATH, else the one ops/provide-llama-server.sh
+    built.  Raises `ServerStartFailed` saying how to get one."""
+    candidates = []
+    if settings.rpc_server:
+        if os.access(settings.rpc_server, os.X_OK) and os.path.isfile(settings.rpc_server):
+            return settings.rpc_server
+        raise ServerStartFailed(f"Failed to start rpc-server: {settings.rpc_server} is not an executable file")
+    if settings.llama_server:
+        candidates.append(Path(settings.llama_server).with_name("rpc-server"))
+    on_path = shutil.which("rpc-server", path=settings.search_path or None)
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates.append(cached_binary(settings.cache_root, "rpc-server"))
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK) and candidate.is_file():
+            return str(candidate)
+    raise ServerStartFailed(
+        "Failed to start rpc-server: command not found. Run `make run` (ops/provide-llama-server.sh builds it "
+        "next to llama-server), or set ZENOW_RPC_SERVER to an existing binary."
+    )
