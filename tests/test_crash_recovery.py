@@ -53,17 +53,6 @@ def integrity(database) -> str:
         return db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-async def reap_on_failure(zenow) -> None:
-    """Kill `zenow` if the test ends (fails) before the test kills it: never leave one running."""
-    try:
-        await zenow.process.wait()
-    finally:
-        if zenow.process.returncode is None:
-            zenow.process.kill()
-            with trio.CancelScope(shield=True):
-                await zenow.process.wait()
-
-
 async def kill(zenow) -> None:
     zenow.process.send_signal(signal.SIGKILL)
     await zenow.process.wait()
@@ -74,7 +63,6 @@ async def test_killed_during_a_streamed_chat_then_started_again(nursery, tmp_pat
     home = tmp_path / "home"
     env = {"ZENOW_LLAMA_SERVER": llama_server}
     zenow = await spawn_zenow(nursery, home, "--default-llm", str(smollm2), env=env)
-    nursery.start_soon(reap_on_failure, zenow)
     async with httpx.AsyncClient(base_url=zenow.url, timeout=60) as client:
         await wait_status(client, "running", "llm")
         (child,) = llama_servers_of(zenow.process.pid)
@@ -127,7 +115,6 @@ async def test_killed_during_a_download_then_it_resumes_from_its_part(nursery, t
     part = home / "models" / "llm" / "model.gguf.part"
 
     zenow = await spawn_zenow(nursery, home)
-    nursery.start_soon(reap_on_failure, zenow)
     async with httpx.AsyncClient(base_url=zenow.url, timeout=30) as client:
         started = await client.post("/api/models/download", json={"url": url, "mode": "llm", "sha256": digest})
         assert started.status_code == 200, started.text

@@ -142,11 +142,23 @@ async def spawn_zenow(nursery: trio.Nursery, home: Path, *extra: str, env: dict[
         ready.set()
 
     nursery.start_soon(read_stderr)
+    nursery.start_soon(_kill_when_left_behind, proc)
     with trio.fail_after(60):
         await ready.wait()
     if not running.url:
         raise AssertionError("zenow exited before serving:\n" + "\n".join(running.log))
     return running
+
+
+async def _kill_when_left_behind(process: trio.Process) -> None:
+    """Kill a spawned zenow still running when its test ends (a failing test included)."""
+    try:
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
 
 
 async def run_zenow_to_exit(home: Path, *extra: str, timeout: float = 60) -> tuple[int, str]:
