@@ -14,6 +14,7 @@ import trio
 from tests.support.harness import make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
 from zenow.chat import Turn, history_within
+from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
 
@@ -72,7 +73,7 @@ async def test_a_streamed_reply_is_saved_exactly_as_streamed(smol):
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert saved[0]["content"] == "What is the capital of France?"
     assert saved[1]["content"] == text
-    async with httpx.AsyncClient(timeout=60) as direct:  # token counts are the model's own
+    async with httpx.AsyncClient(timeout=60, auth=child_auth()) as direct:  # token counts are the model's own
         tokens = (await direct.post(f"{child_url()}/tokenize", json={"content": text})).json()["tokens"]
     assert saved[1]["token_count"] == len(tokens)
     detail = (await client.get(f"/api/sessions/{sid}")).json()
@@ -114,7 +115,7 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
     stored = await messages(client, sid)
     assert len(stored) == 300
     system_prompt = (await client.get("/api/models/get_param")).json()["system_prompt"]
-    async with httpx.AsyncClient(timeout=60) as direct:
+    async with httpx.AsyncClient(timeout=60, auth=child_auth()) as direct:
         tokenized = await direct.post(f"{child_url()}/tokenize", json={"content": system_prompt})
         system_tokens = len(tokenized.json()["tokens"])
     kept = history_within(1024 // 2 - system_tokens,
@@ -129,7 +130,7 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
     async def prompt_tokens(history):
         conversation = [{"role": "system", "content": system_prompt}]
         conversation += [{"role": t.role, "content": t.content} for t in history] + [question]
-        async with httpx.AsyncClient(timeout=60) as direct:
+        async with httpx.AsyncClient(timeout=60, auth=child_auth()) as direct:
             probe = await direct.post(f"{child_url()}/v1/chat/completions", json={
                 "messages": conversation, "max_tokens": 1, "temperature": 0})
         return probe.json()["usage"]["prompt_tokens"]

@@ -98,3 +98,43 @@ async def test_a_key_file_protects_a_real_zenow_and_the_key_is_never_logged(nurs
     log = "\n".join(running.log)
     assert "zenow serving" in log
     assert KEY not in log and "wrong-guess" not in log
+
+
+@pytest.mark.real_llama
+async def test_a_child_answers_only_zenow_and_its_key_is_never_on_a_command_line(nursery, tmp_path, llama_server,
+                                                                                tiny_models):
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    from tests.support.harness import make_settings, wait_status
+    from tests.support.llama import cmdline, llama_children
+
+    settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=tiny_models["llm"])
+    async with start_zenow(nursery, settings) as zenow:
+        await wait_status(zenow.client, "running", "llm")
+        (child,) = llama_children(os.getpid(), "llm")
+        argv = cmdline(child)
+        port = int(argv[argv.index("--port") + 1])
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        assert not any("api-key" in part for part in argv)
+        raw = Path(f"/proc/{child}/environ").read_bytes().decode()
+        environ = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        key = environ["LLAMA_API_KEY"]
+        assert len(key) >= 32
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as direct:
+            ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            refused = await direct.post("/v1/chat/completions", json=ask)
+            assert refused.status_code == 401  # another local user, without the key
+            allowed = await direct.post("/v1/chat/completions", json=ask, headers={"Authorization": f"Bearer {key}"})
+            assert allowed.status_code == 200
+        # zenow itself sends the key: chat, /v1 and token counts work
+        sid = (await zenow.client.post("/api/sessions", json={"first_message": "hi"})).json()["session_id"]
+        chat = await zenow.client.post("/api/chat", json={"session_id": sid, "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text
+        v1 = await zenow.client.post("/v1/chat/completions", json={**ask})
+        assert v1.status_code == 200, v1.text
+        messages = (await zenow.client.get(f"/api/sessions/{sid}/messages")).json()["messages"]
+        assert messages[0]["token_count"] > 0

@@ -14,6 +14,7 @@ import trio
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
 from tests.support.llama import alive, cmdline, llama_children
 from tests.support.tiny_models import write_stub_model
+from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
 
@@ -60,7 +61,7 @@ async def test_all_three_modes_run_at_once(nursery, tmp_path, llama_server, smol
             assert (await status(client, mode))["status"] == "running"
 
         # each child really serves its own mode
-        async with httpx.AsyncClient(timeout=30) as direct:
+        async with httpx.AsyncClient(timeout=30, auth=child_auth()) as direct:
             embed = await direct.post(f"http://127.0.0.1:{child_port(the_child('--embedding'))}/v1/embeddings",
                                       json={"input": ["a cat sits on the mat"]})
             assert len(embed.json()["data"][0]["embedding"]) == 64
@@ -165,7 +166,7 @@ async def test_the_child_lives_as_long_as_zenow_and_dies_with_it(nursery, tmp_pa
         await wait_status(client, "running", "llm")
         (child,) = llama_children(zenow.process.pid)
         started = trio.current_time()
-        async with httpx.AsyncClient(timeout=5) as direct:
+        async with httpx.AsyncClient(timeout=5, auth=child_auth()) as direct:
             while trio.current_time() - started < 62:
                 assert alive(child), "llama-server died while zenow lives"
                 health = await direct.get(f"http://127.0.0.1:{child_port(child)}/health")
@@ -209,7 +210,7 @@ async def test_a_broken_model_file_never_costs_the_mode_its_running_model(nurser
         assert (embed["status"], embed["model_name"]) == ("running", "tiny-bert-embed")
         current = (await client.get("/api/models/current", params={"mode": "embed"})).json()
         assert current["name"] == "tiny-bert-embed"  # the file that failed is not made current
-        async with httpx.AsyncClient(timeout=30) as direct:
+        async with httpx.AsyncClient(timeout=30, auth=child_auth()) as direct:
             vectors = await direct.post(f"http://127.0.0.1:{child_port(the_child('--embedding'))}/v1/embeddings",
                                         json={"input": ["still serving"]})
         assert len(vectors.json()["data"][0]["embedding"]) == 64

@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, start_zenow, status, wait_status
+from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
 
@@ -171,7 +172,7 @@ async def test_embeddings_for_a_list_of_inputs_as_float_and_base64(zenow):
     single = await in_thread(lambda: client.embeddings.create(model="tiny-embed", input="hello",
                                                               encoding_format="float"))
     assert np.allclose(single.data[0].embedding, vectors[2], atol=1e-6)
-    async with httpx.AsyncClient() as direct:  # token arrays, as llama-server takes them
+    async with httpx.AsyncClient(auth=child_auth()) as direct:  # token arrays, as llama-server takes them
         endpoint = (await status_endpoint(zenow, "embed"))
         ids = (await direct.post(f"{endpoint}/tokenize", json={"content": "hello", "add_special": True})).json()
     tokens = await in_thread(lambda: client.embeddings.create(model="tiny-embed", input=[ids["tokens"]],

@@ -37,7 +37,7 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import ServerHandle, ServerStatus
+from ..servers import ServerHandle, ServerStatus, child_auth
 from ..store import Store
 from ..tokens import TokenCounter
 from ._events import Delta, Failed, Finished, StreamEvent
@@ -97,7 +97,7 @@ class ChatStreamerActor(Actor):
         self.tokens = tokens
         self._locks: dict[int, tuple[trio.Lock, int]] = {}
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False, auth=child_auth(),
             limits=httpx.Limits(max_keepalive_connections=4),
         )
 

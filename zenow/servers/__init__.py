@@ -18,4 +18,5 @@ from ._gguf import GGUF_MAGIC as GGUF_MAGIC
 from ._gguf import GGUFInfo as GGUFInfo
 from ._gguf import has_gguf_magic as has_gguf_magic
 from ._gguf import read_gguf_info as read_gguf_info
+from ._keys import child_auth as child_auth
 from ._params import SERVER_KEYS as SERVER_KEYS

@@ -46,6 +46,7 @@ from . import _memory
 from ._binary import find_llama_server
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
 from ._gguf import GGUFInfo, read_gguf_info
+from ._keys import child_auth, forget_key, new_key
 from ._params import (
     SERVER_KEYS,
     Bounds,
@@ -176,7 +177,7 @@ class ServerActor(Actor):
         self._params: dict[str, Any] = {}
         self._context_overflow = False
         self._log_path = settings.logs_dir / f"llama-server-{mode}.log"
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False, auth=child_auth())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -491,7 +492,8 @@ class ServerActor(Actor):
         """Own one llama-server process: spawn, drain its output, reap it, report its exit."""
         read_fd, write_fd = os.pipe()
         try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "LLAMA_API_KEY"))}
+            env["LLAMA_API_KEY"] = new_key(child.port)  # in the environment: `ps` shows no key
             process = await spawn_owned(argv, env=env, output_fd=write_fd)
         except BaseException:
             os.close(read_fd)
@@ -514,6 +516,7 @@ class ServerActor(Actor):
                     child.exit_code = await terminate(process, self.settings.stop_grace)
                     child.exited.set()
                 await output.aclose()
+                forget_key(child.port)
                 child.done.set()
         if not child.stopping:
             await self.self_ref.tell(ServerActor._child_exited, child)

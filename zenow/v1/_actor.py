@@ -22,6 +22,7 @@ import trio
 
 from ..actor import Actor
 from ..errors import ActorCrashed, UpstreamError, ZenowError
+from ..servers import child_auth
 from ._shapes import DONE, chat_chunk, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -57,7 +58,7 @@ class UpstreamActor(Actor):
         # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
         # a pool limit here would fail the request beyond it after the pool timeout instead.
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False, auth=child_auth(),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
         )
 
