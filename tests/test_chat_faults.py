@@ -7,11 +7,11 @@ import time
 
 import pytest
 import trio
-from zenow.chat import Turn, history_within
 
 from tests.support.harness import make_settings, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
 from tests.support.tiny_models import write_stub_model
+from zenow.chat import Turn, history_within
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from zenow.errors import InvalidRequest
 from zenow.servers._params import (
     CONTEXT_OVERFLOW_KEY,
