@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         help="largest model file a download may write, e.g. 64G (default 64 GiB)",
     )
     serve.add_argument(
+        "--max-chat-streams", type=int, default=None, metavar="N",
+        help="chats answered at once (default 64); more answer 503 until one ends",
+    )
+    serve.add_argument(
         "--max-connections", type=int, default=None, metavar="N",
         help="HTTP connections served at once (default 256); more wait to be accepted",
     )
@@ -233,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         api_keys=_api_keys(args.api_key, args.api_key_file), insecure=args.insecure,
         max_body_size=args.max_body_size, max_download_size=args.max_download_size,
-        max_connections=args.max_connections,
+        max_connections=args.max_connections, max_chat_streams=args.max_chat_streams,
         system_prompt=args.system_prompt,
     )
     try:

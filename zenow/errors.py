@@ -23,6 +23,7 @@ the exception is the `detail` the client sees::
     ├── StoreError                500: the database failed (translated from sqlite3)
     │   ├── StorageFull           507: the disk holding the database is full
     │   └── StoreReadOnly         503: the database cannot be written (read-only file or folder)
+    ├── TooManyStreams            503: the most chat streams zenow serves at once are open
     ├── ActorCrashed              500: a bug in an actor while serving the call (it restarts)
     └── ActorUnavailable          503: an actor is stopped, or stopped while serving the call
 
@@ -52,6 +53,7 @@ __all__ = [
     "StorageFull",
     "StoreError",
     "StoreReadOnly",
+    "TooManyStreams",
     "UpstreamError",
     "ZenowError",
     "single_cause",
@@ -140,6 +142,11 @@ class StorageFull(StoreError):
 
 class StoreReadOnly(StoreError):
     status_code = 503
+
+
+class TooManyStreams(ZenowError):
+    status_code = 503
+    default_code = "too_many_streams"
 
 
 class ActorCrashed(ZenowError):

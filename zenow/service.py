@@ -184,7 +184,8 @@ async def _run(
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(
                         "chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens)
-                    )
+                    ),
+                    max_streams=settings.max_chat_streams,
                 )
                 services = Services(settings=settings, store=store, tokens=tokens, downloads=downloads,
                                     servers=servers, chat=chat, openai=openai, health=health, events=events)

@@ -99,6 +99,8 @@ class Settings:
     max_body_size: int = 8 * 2**20
     #: Open HTTP connections served at once; more wait in the listen backlog.
     max_connections: int = 256
+    #: Chats (`/api/chat`) generating at once; more answer 503 until one ends.
+    max_chat_streams: int = 64
     #: Seconds a client may take to send a request's body before it is answered 408.
     read_timeout: float = 30.0
     #: Seconds a connection may sit idle, or take to send a request's headers, before it is closed.

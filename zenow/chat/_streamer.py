@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..errors import (
     ContextOverflow,
     ModelNotLoaded,
     ServerNotRunning,
+    TooManyStreams,
     UpstreamError,
     ZenowError,
 )
@@ -67,10 +69,15 @@ class ChatStream:
 
     events: trio.MemoryReceiveChannel[StreamEvent]
     scope: trio.CancelScope
+    #: Called once when the stream ends (its slot among the open streams is free again).
+    on_end: Callable[[], None] | None = None
 
     def cancel(self) -> None:
         self.scope.cancel()
         self.events.close()
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
 
 @dataclass(frozen=True)
@@ -315,19 +322,31 @@ def _error_message(body: str) -> str:
 
 
 class ChatStreamer:
-    """The chat streamer's handle."""
+    """The chat streamer's handle; at most `max_streams` chats generate at once."""
 
-    def __init__(self, ref: ActorRef[ChatStreamerActor]) -> None:
+    def __init__(self, ref: ActorRef[ChatStreamerActor], max_streams: int = 64) -> None:
         self._ref = ref
+        self._max_streams = max_streams
+        self._open = 0
+
+    def _ended(self) -> None:
+        self._open -= 1
 
     async def open(self, request: ChatRequest) -> ChatStream:
         """Start a reply; the caller must read the stream to its end or `cancel()` it.
 
-        Raises `SessionNotFound`, `ServerNotRunning` or `ContextOverflow` before anything
-        is stored.  Cancelling the call stops the generation it may have started.
+        Raises `TooManyStreams` when `max_streams` chats are open already, and
+        `SessionNotFound`, `ServerNotRunning` or `ContextOverflow`, before anything is
+        stored.  Cancelling the call stops the generation it may have started.
         """
+        if self._open >= self._max_streams:
+            raise TooManyStreams(
+                f"{self._open} chats are being answered already, the most zenow serves at once "
+                f"(--max-chat-streams); try again when one has finished"
+            )
         send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
-        stream = ChatStream(receive, trio.CancelScope())
+        self._open += 1
+        stream = ChatStream(receive, trio.CancelScope(), self._ended)
         ready_send, ready_receive = trio.open_memory_channel[outcome.Outcome[None]](1)
         try:
             with ready_receive:
