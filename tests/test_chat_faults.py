@@ -11,7 +11,7 @@ import trio
 from tests.support.harness import make_settings, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
 from tests.support.tiny_models import write_stub_model
-from zenow.chat import Turn, history_within
+from zenow.chat import Turn, history_in_steps
 
 
 @pytest.fixture
@@ -158,11 +158,12 @@ async def test_history_takes_whole_newest_messages_within_half_the_context(fake,
     system = (await client.get("/api/models/get_param")).json()["system_prompt"]
     system_tokens = len(system.split())  # the fake counts one token per word
     newest_first = [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(history)]
-    expected = history_within(64 - system_tokens, newest_first)
+    total = sum(m["token_count"] for m in history)
+    expected = history_in_steps(64 - system_tokens, total, newest_first)
     await client.post("/api/chat", json={**ask(sid, "now"), "stream": False})
     sent = [e["body"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"][-1]["messages"]
     assert sent[1:-1] == [{"role": t.role, "content": t.content} for t in expected]
-    assert sent[1]["role"] == "user" and len(expected) < 80
+    assert sent[1]["role"] == "user" and 0 < len(expected) < 80
     assert sum(t.token_count for t in expected) <= 64 - system_tokens
 
 
@@ -293,9 +294,9 @@ async def test_chats_on_different_sessions_do_not_wait_for_each_others_tokenizer
     async def chat(sid, text):
         answers[text] = await fake.client.post("/api/chat", json={**ask(sid, text), "stream": False})
 
-    async def slow_tokenize_started():
+    async def slow_tokenize_started():  # one call counts several texts: its content is then a list
         return [e for e in events(event_log, "request")
-                if e["path"] == "/tokenize" and "slowpoke" in (e["body"] or {}).get("content", "")]
+                if e["path"] == "/tokenize" and "slowpoke" in json.dumps((e["body"] or {}).get("content", ""))]
 
     async with trio.open_nursery() as both:
         both.start_soon(chat, slow_sid, "slowpoke question")
@@ -317,3 +318,47 @@ async def test_a_huge_max_tokens_reaches_llama_server_as_at_most_the_context(fak
     assert asked.status_code == default.status_code == 200
     sent = [e["body"]["max_tokens"] for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"]
     assert sent == [256, 256]
+
+
+# ---------------------------------------------------------------- reading llama-server's stream (no server)
+
+LLAMA_CHUNK = ('data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":%s}}],"created":1795592848,'
+               '"id":"chatcmpl-x","model":"/m/SmolLM2.gguf","system_fingerprint":"b1-0c1e570",'
+               '"object":"chat.completion.chunk"}\n\n')
+
+
+def test_content_deltas_pass_through_as_bytes_and_decode_once():
+    from zenow.chat import sse
+    from zenow.chat._events import Delta
+    from zenow.chat._upstream import ReplyReader, decode_literal
+
+    texts = ["Hel", "lo \"you\"\n", "你好", "\\", "\u2028 ok"]
+    stream = "".join(LLAMA_CHUNK % json.dumps(t, ensure_ascii=False) for t in texts).encode()
+    stream += (b'data: {"choices":[{"finish_reason":"stop","index":0,"delta":{}}],"created":1}\n\n'
+               b'data: {"choices":[],"usage":{"completion_tokens":5,"prompt_tokens":9}}\n\ndata: [DONE]\n\n')
+    reader = ReplyReader()
+    frames, literals = b"", b""
+    for i in range(0, len(stream), 7):  # any split of the bytes
+        more_frames, more_literals = reader.feed(stream[i:i + 7])
+        frames, literals = frames + more_frames, literals + more_literals
+    assert reader.done and reader.finish_reason == "stop" and reader.usage["completion_tokens"] == 5
+    assert decode_literal(literals) == "".join(texts) and reader.deltas == 5
+    events = [json.loads(f[6:]) for f in frames.decode().split("\n\n")[:-1]]
+    assert [e["choices"][0]["delta"]["content"] for e in events] == texts
+    assert sse(Delta(frames, literals)) == frames and Delta.of("x").content == "x"
+
+
+def test_other_shapes_are_read_as_json_and_errors_are_raised():
+    import pytest as _pytest
+
+    from zenow.chat._upstream import MalformedStream, ReplyReader, UpstreamFailed
+
+    reader = ReplyReader()
+    frames, literal = reader.feed(b'data: {"choices":[{"delta":{"content":"a","reasoning":1},"index":0}]}\n\n')
+    assert json.loads(frames[6:])["choices"][0]["delta"]["content"] == "a" and literal == b"a"
+    with _pytest.raises(UpstreamFailed, match="boom"):
+        ReplyReader().feed(b'data: {"error":{"message":"boom"}}\n\n')
+    with _pytest.raises(MalformedStream):
+        ReplyReader().feed(b"data: {not json\n\n")
+    with _pytest.raises(MalformedStream):
+        ReplyReader().feed(b"data: " + b"x" * (2 << 20))

@@ -12,6 +12,8 @@ from zenow.errors import InvalidRequest
 from zenow.servers._params import (
     CONTEXT_OVERFLOW_KEY,
     CONTEXT_UNKNOWN_MODEL_MAX,
+    PARALLEL_MAX,
+    SERVER_KEYS,
     SYSTEM_PROMPT_MAX,
     Bounds,
     defaults_for,
@@ -37,7 +39,7 @@ def refusal(changes, bounds=TWO_CORES, mode="llm", current=None, overflow=False)
 def test_defaults_follow_the_spec_and_the_machine():
     assert {k: v for k, v in llm().items() if k != "system_prompt"} == {
         "context_size": 8192, "threads": 2, "gpu_layers": 0, "batch_size": 512,
-        "temperature": 0.7, "repeat_penalty": 1.1, "max_tokens": 2048,
+        "temperature": 0.7, "repeat_penalty": 1.1, "max_tokens": 2048, "parallel": 4,
     }
     assert defaults_for("embed", "", 64)["threads"] == 8  # at most 8 by default
     assert set(defaults_for("rerank", "", 1)) == {"context_size", "threads", "gpu_layers", "batch_size"}
@@ -146,3 +148,13 @@ def test_whatever_is_stored_restoring_answers_valid_parameters(stored):
     assert set(params) == set(llm()) and isinstance(overflow, bool)
     json.dumps(params).encode("utf-8")
     assert 1 <= params["threads"] <= 2
+
+
+def test_parallel_slots_are_an_llm_server_parameter_within_bounds():
+    assert "parallel" in SERVER_KEYS and "parallel" not in defaults_for("embed", "", 2)
+    assert validate_update("llm", llm(), {"parallel": 1}, TWO_CORES, False).parameters["parallel"] == 1
+    assert validate_update("llm", llm(), {"parallel": PARALLEL_MAX}, TWO_CORES, False).stored == {
+        "parallel": PARALLEL_MAX}
+    for bad in (0, PARALLEL_MAX + 1, "4", 2.5):
+        assert refusal({"parallel": bad}).startswith("parallel:")
+    assert refusal({"parallel": 2}, mode="embed").startswith("parallel: not a parameter of mode embed")

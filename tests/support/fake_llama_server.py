@@ -12,7 +12,10 @@ Understood: ``-m/--model PATH`` (never opened), ``--host`` (default 127.0.0.1; a
 address containing ':' binds IPv6), ``--port`` (default 8080; 0 picks a free port,
 printed in the listening line), ``-c/--ctx-size N`` (0 or absent: 4096),
 ``--embedding/--embeddings``, ``--reranking/--rerank``, ``--pooling
-{none,mean,cls,last,rank}``, ``-np/--parallel N`` (reported in /props only),
+{none,mean,cls,last,rank}``, ``-np/--parallel N`` (slots: at most N chat
+completions generate at once, later ones wait for a slot; each slot holds
+n_ctx / N tokens, as the real server's split KV cache; absent: 4 slots sharing
+all n_ctx, as the real server's automatic unified KV cache),
 ``-h/--help``, ``--version``.  ``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are
 accepted and ignored.  Every other argument is ignored: a hand-written parser
 is used instead of argparse because argparse reads real llama-server flags such
@@ -224,7 +227,7 @@ _OPTIONS = {
 def parse_args(argv):
     """Parse the llama-server flags the fake understands; ignore everything else."""
     opts = {"model": "models/7B/ggml-model-f16.gguf", "host": "127.0.0.1", "port": "8080",
-            "ctx_size": "0", "parallel": "4", "pooling": None,
+            "ctx_size": "0", "parallel": "-1", "pooling": None,
             "embedding": False, "reranking": False,
             "help": False, "version": False}
     i = 0
@@ -259,6 +262,10 @@ def parse_args(argv):
     if opts["pooling"] == "rank" and opts["embedding"]:
         opts["reranking"] = True
     opts["n_ctx"] = opts["ctx_size"] if opts["ctx_size"] > 0 else DEFAULT_N_CTX
+    if opts["parallel"] <= 0:  # automatic: 4 slots over one unified KV cache
+        opts["parallel"], opts["n_ctx_slot"] = 4, opts["n_ctx"]
+    else:
+        opts["n_ctx_slot"] = max(1, opts["n_ctx"] // opts["parallel"])
     opts["model_name"] = os.path.basename(opts["model"])
     return opts
 
@@ -275,6 +282,8 @@ class State:
         self.tokenize_delay = max(_env_float("FAKE_LLAMA_TOKENIZE_DELAY", 0.0), 0.0)
         self.tokenize_delay_if = os.environ.get("FAKE_LLAMA_TOKENIZE_DELAY_IF", "")
         self.crash_mid_stream = _env_int("FAKE_LLAMA_CRASH_MID_STREAM")
+        #: One per slot: a chat completion generates only while it holds one.
+        self.slots = threading.BoundedSemaphore(opts["parallel"])
         self.started = time.time()
 
 
@@ -576,7 +585,7 @@ class Handler(BaseHTTPRequestHandler):
     def get_props(self, body):
         o = self.state.opts
         self.send_json(200, {
-            "default_generation_settings": {"n_ctx": o["n_ctx"], "params": {}},
+            "default_generation_settings": {"n_ctx": o["n_ctx_slot"], "params": {}},
             "total_slots": o["parallel"],
             "model_path": o["model"],
             "modalities": {"vision": False, "audio": False},
@@ -600,11 +609,20 @@ class Handler(BaseHTTPRequestHandler):
         tokens = []
         if "content" in body:
             content = body["content"]
-            if not isinstance(content, str):
-                content = " ".join(str(c) for c in content) if isinstance(content, list) else str(content)
-            if self.state.tokenize_delay and self.state.tokenize_delay_if in content:
+            # a list mixes texts (each tokenized on its own) and token ids (kept), as the real server's
+            parts = content if isinstance(content, list) else [content if isinstance(content, str) else str(content)]
+            texts = [p for p in parts if isinstance(p, str)]
+            if self.state.tokenize_delay and any(self.state.tokenize_delay_if in t for t in texts):
                 time.sleep(self.state.tokenize_delay)
-            ids, pieces = tokenize(content)
+            ids, pieces = [], []
+            for part in parts:
+                if isinstance(part, str):
+                    more_ids, more_pieces = tokenize(part)
+                    ids += more_ids
+                    pieces += more_pieces
+                else:
+                    ids.append(int(part))
+                    pieces.append(_pieces.get(int(part), ""))
             with_pieces = [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]
             tokens = with_pieces if body.get("with_pieces") else ids
         self.send_json(200, {"tokens": tokens})
@@ -736,7 +754,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(500, error_body(
                 "the current context does not support logits computation. skipping", "server_error", 500))
         n_prompt = count_tokens(prompt)
-        n_ctx = o["n_ctx"]
+        n_ctx = o["n_ctx_slot"]
         if n_prompt >= n_ctx:
             raise RequestError(400, error_body(
                 f"request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it",
@@ -760,10 +778,11 @@ class Handler(BaseHTTPRequestHandler):
             "include_usage": isinstance(body.get("stream_options"), dict)
             and bool(body["stream_options"].get("include_usage")),
         }
-        if body.get("stream"):
-            self._chat_stream(ctx)
-        else:
-            self._chat_blocking(ctx)
+        with st.slots:  # wait for a free slot, as the real server queues a task
+            if body.get("stream"):
+                self._chat_stream(ctx)
+            else:
+                self._chat_blocking(ctx)
 
     def _crash_mid_stream(self, n):
         st = self.state

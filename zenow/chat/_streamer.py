@@ -3,11 +3,19 @@
 `ChatStreamer.open(request)` checks everything that can be refused (session, server,
 context window) and only then hands back a `ChatStream`: a receive channel of
 `Delta` / `Finished` / `Failed` events fed by a task in the streamer's nursery.
-The checks run in that per-request task too (they read the session and count tokens
-with the model's tokenizer, one HTTP call per message), so the streamer's mailbox
-only starts tasks and chats on different sessions never wait for each other.  The
-task holds the session's lock from storing the user's messages until the
-assistant's reply is saved, so two chats on one session never interleave.
+The checks run in that per-request task too, so the streamer's mailbox only starts
+tasks and chats on different sessions never wait for each other.  The task holds the
+session's lock from reading the history until the assistant's reply is saved, so two
+chats on one session never interleave; chats on different sessions generate at once
+in the llm server's parallel slots.
+
+Before the first token: one read of the session (it must exist; its token total
+anchors the history, see `_prompt.history_in_steps`), at most one `/tokenize` call
+(none once the system prompt's count is known and the request surely fits the
+context: a token covers at least one byte), the history pages, then the request to
+llama-server.  The request's messages are counted and stored while the reply
+streams, always before the reply is saved; the reply's count is llama-server's own
+`usage`.  Deltas pass from llama-server to the consumer as bytes (`_upstream`).
 
 When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
 to llama-server is closed at once (generation stops, the slot is freed) and the
@@ -41,9 +49,10 @@ from ..errors import (
 )
 from ..servers import ServerHandle, ServerStatus, child_auth
 from ..store import Store
-from ..tokens import TokenCounter
+from ..tokens import TokenCounter, estimate_tokens
 from ._events import Delta, Failed, Finished, StreamEvent
-from ._prompt import Turn, history_within
+from ._prompt import Turn, history_in_steps
+from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
 
 __all__ = ["ChatRequest", "ChatResult", "ChatStream", "ChatStreamer", "ChatStreamerActor"]
 
@@ -52,6 +61,10 @@ log = logging.getLogger(__name__)
 NOT_RUNNING = "LLM server is not running. Please select a model first."
 EVENT_BUFFER = 32
 HISTORY_PAGE = 200
+#: Tokens the checks leave for special tokens a text may map to without covering a byte each.
+SPECIAL_TOKENS_MARGIN = 8
+#: Seconds the request's messages may take to be counted and stored once generation began.
+STORE_DEADLINE = 30.0
 
 
 @dataclass(frozen=True)
@@ -90,22 +103,34 @@ class ChatResult:
 @dataclass
 class _Prepared:
     request: ChatRequest
+    #: The server the counts were made with.
+    endpoint: str
     system: Turn | None
-    turns: list[Turn]
+    #: Token counts of the request's messages; None when they are counted while the reply streams.
+    counts: list[int] | None
     context_size: int
     options: dict[str, Any]
+    #: The session's stored tokens when it was read (the history's end offset).
+    session_tokens: int
 
 
 class ChatStreamerActor(Actor):
-    def __init__(self, store: Store, llm: ServerHandle, tokens: TokenCounter,
+    """Answers chats: each in a task of its own (see the module docstring).
+
+    `tokens` is not used any more (counts go through one batched `/tokenize` call per
+    chat); it is accepted for the service's wiring.
+    """
+
+    def __init__(self, store: Store, llm: ServerHandle, tokens: TokenCounter | None = None,
                  read_timeout: float = 600.0) -> None:
         self.store = store
         self.llm = llm
-        self.tokens = tokens
         self._locks: dict[int, tuple[trio.Lock, int]] = {}
+        #: (endpoint, system prompt, its token count): the one count every chat needs.
+        self._system_count: tuple[str, str, int] | None = None
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False, auth=child_auth(),
-            limits=httpx.Limits(max_keepalive_connections=4),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
         )
 
     async def teardown(self) -> None:
@@ -147,23 +172,32 @@ class ChatStreamerActor(Actor):
         await self._generate(prepared, send, scope)
 
     async def _prepare(self, request: ChatRequest) -> _Prepared:
-        await self.store.get_session(request.session_id)
+        """Check the session, the server and the context window; count what must be counted now."""
+        session = await self.store.get_session(request.session_id)
         status = self.llm.status()
-        if status.endpoint is None:
+        endpoint = status.endpoint
+        if endpoint is None:
             raise ServerNotRunning(NOT_RUNNING)
         params = self.llm.parameters()
         system_prompt = params.get("system_prompt") or ""
-        system = Turn("system", system_prompt, await self.tokens.count(system_prompt)) if system_prompt else None
-        turns = [Turn(role, content, await self.tokens.count(content)) for role, content in request.messages]
-        # what the running server has: context_size, or less for a model trained for less
+        # what the running server has per conversation: context_size, or less for a model trained for less
         context_size = status.context_size or int(params["context_size"])
-        system_tokens = system.token_count if system else 0
-        needed = system_tokens + sum(t.token_count for t in turns)
-        if needed > context_size:
-            raise ContextOverflow(
-                f"messages: the request needs {needed} tokens (system prompt {system_tokens} + "
-                f"messages {needed - system_tokens}), more than the context window of {context_size} tokens"
-            )
+        contents = [content for _, content in request.messages]
+        system_tokens = self._known_system_count(endpoint, system_prompt)
+        counts: list[int] | None = None
+        if system_tokens is None:
+            counted = await self._count(endpoint, [system_prompt, *contents])
+            system_tokens, counts = counted[0], counted[1:]
+            self._system_count = (endpoint, system_prompt, system_tokens)
+        elif not _surely_fits(contents, context_size - system_tokens):
+            counts = await self._count(endpoint, contents)
+        if counts is not None:
+            needed = system_tokens + sum(counts)
+            if needed > context_size:
+                raise ContextOverflow(
+                    f"messages: the request needs {needed} tokens (system prompt {system_tokens} + "
+                    f"messages {needed - system_tokens}), more than the context window of {context_size} tokens"
+                )
         max_tokens = request.max_tokens if request.max_tokens is not None else params["max_tokens"]
         options = {
             "temperature": request.temperature if request.temperature is not None else params["temperature"],
@@ -172,7 +206,40 @@ class ChatStreamerActor(Actor):
             # never more than the window holds (llama-server takes a huge count as a negative one)
             "max_tokens": min(int(max_tokens), context_size),
         }
-        return _Prepared(request, system, turns, context_size, options)
+        system = Turn("system", system_prompt, system_tokens) if system_prompt else None
+        return _Prepared(request, endpoint, system, counts, context_size, options, session.total_tokens)
+
+    def _known_system_count(self, endpoint: str, system_prompt: str) -> int | None:
+        if not system_prompt:
+            return 0
+        known = self._system_count
+        if known is not None and known[0] == endpoint and known[1] == system_prompt:
+            return known[2]
+        return None
+
+    async def _count(self, endpoint: str, texts: list[str]) -> list[int]:
+        """The token count of each of `texts` with the running model's tokenizer, in one
+        `/tokenize` call (texts separated by the impossible token id -1); estimates when
+        llama-server does not answer.  Never raises."""
+        if not any(texts):
+            return [0] * len(texts)
+        content: str | list[str | int] = texts[0] if len(texts) == 1 else _interleave(texts)
+        try:
+            response = await self._http.post(f"{endpoint}/tokenize", json={"content": content})
+            response.raise_for_status()
+            tokens = response.json()["tokens"]
+            counts = [0]
+            for token in tokens:
+                if token == -1:
+                    counts.append(0)
+                else:
+                    counts[-1] += 1
+            if len(counts) == len(texts):
+                return counts
+            log.warning("llama-server's /tokenize gave %d counts for %d texts; estimating", len(counts), len(texts))
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+            log.warning("llama-server's /tokenize failed (%s); estimating token counts", exc)
+        return [estimate_tokens(text) for text in texts]
 
     def _lock_for(self, session_id: int) -> trio.Lock:
         lock, users = self._locks.get(session_id, (trio.Lock(), 0))
@@ -186,25 +253,26 @@ class ChatStreamerActor(Actor):
         else:
             self._locks[session_id] = (lock, users - 1)
 
-    async def _history(self, session_id: int, before_id: int, budget: int) -> list[Turn]:
+    async def _history(self, session_id: int, budget: int, end_offset: int) -> list[Turn]:
+        """The stored history to send (`history_in_steps`), read newest first a page at a time."""
         newest_first: list[Turn] = []
         used = 0
-        cursor = before_id
+        cursor: int | None = None
         while used <= budget:
             page = await self.store.newest_messages(session_id, cursor, HISTORY_PAGE)
-            if not page:
-                break
             for message in page:
                 newest_first.append(Turn(message.role, message.content, message.token_count))
                 used += message.token_count
+            if len(page) < HISTORY_PAGE:
+                break
             cursor = page[-1].id
-        return history_within(budget, newest_first)
+        return history_in_steps(budget, end_offset, newest_first)
 
     async def _generate(self, prepared: _Prepared, send: trio.MemorySendChannel[StreamEvent],
                         scope: trio.CancelScope) -> None:
         request = prepared.request
         lock = self._lock_for(request.session_id)
-        parts: list[str] = []
+        waited = lock.locked()
         try:
             async with send, lock:
                 try:
@@ -219,7 +287,7 @@ class ChatStreamerActor(Actor):
                         await send.send(Failed(str(exc)))
                     return
                 try:
-                    await self._generate_leased(prepared, status, send, scope, parts)
+                    await self._generate_leased(prepared, status, send, scope, reread=waited)
                 finally:
                     lease.release()
         finally:
@@ -227,89 +295,139 @@ class ChatStreamerActor(Actor):
 
     async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
                                send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
-                               parts: list[str]) -> None:
-        """Store the request, stream the reply from `status`'s server into `send`, save it."""
+                               *, reread: bool) -> None:
+        """Read the history, stream the reply from `status`'s server into `send` while the
+        request's messages are counted and stored, then save the reply.
+
+        `reread`: the session changed since `_prepare` read it (another chat on it ran first).
+        """
         request = prepared.request
         endpoint = status.endpoint
         try:
             if endpoint is None:  # the gate hands out running models only
                 raise ServerNotRunning(NOT_RUNNING)
-            messages = await self._store_and_build(prepared)
+            session_tokens = prepared.session_tokens
+            if reread:
+                session_tokens = (await self.store.get_session(request.session_id)).total_tokens
+            system_cost = prepared.system.token_count if prepared.system else 0
+            history = await self._history(request.session_id, prepared.context_size // 2 - system_cost,
+                                          session_tokens)
         except ZenowError as exc:
             with trio.move_on_after(1):
                 await send.send(Failed(str(exc)))
             return
+        messages = [*([prepared.system] if prepared.system else []), *history]
+        prompt = [{"role": t.role, "content": t.content} for t in messages]
+        prompt += [{"role": role, "content": content} for role, content in request.messages]
+        reader = ReplyReader()
+        parts: list[bytes] = []
+        failures: list[ZenowError] = []
         closing: StreamEvent | None = None
         try:
-            with scope:
-                closing = await self._stream_upstream(endpoint, prepared, messages, parts, send)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the consumer went away; the upstream request is closed by now
+            async with trio.open_nursery() as storing:
+                storing.start_soon(self._store_request, prepared, endpoint, scope, failures)
+                try:
+                    with scope:
+                        closing = await self._stream_upstream(endpoint, prepared, prompt, reader, parts, send)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the consumer went away; the upstream request is closed by now
         finally:
-            with trio.CancelScope(shield=True):
-                await self._save_reply(request.session_id, "".join(parts))
+            if not failures:  # the request is stored: its reply follows it
+                with trio.CancelScope(shield=True):
+                    await self._save_reply(request.session_id, parts, reader)
+        if failures:
+            closing = Failed(str(failures[0]))
         if closing is not None:  # sent after the save: a client that saw the end finds the reply stored
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send.send(closing)
 
-    async def _store_and_build(self, prepared: _Prepared) -> list[Turn]:
-        """Store the request's messages, then return the whole prompt: system, history, request."""
+    async def _store_request(self, prepared: _Prepared, endpoint: str, scope: trio.CancelScope,
+                             failures: list[ZenowError]) -> None:
+        """Count (unless counted) and store the request's messages, whatever happens to the
+        stream meanwhile; on failure note it in `failures` and stop the stream."""
         request = prepared.request
-        first_id = None
-        for turn in prepared.turns:
-            saved = await self.store.add_message(request.session_id, turn.role, turn.content, turn.token_count)
-            first_id = first_id if first_id is not None else saved.id
-        system_cost = prepared.system.token_count if prepared.system else 0
-        budget = prepared.context_size // 2 - system_cost
-        history = await self._history(request.session_id, first_id or 0, budget)
-        return ([prepared.system] if prepared.system else []) + history + prepared.turns
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_DEADLINE) as deadline:
+            try:
+                counts = prepared.counts
+                if counts is None:
+                    counts = await self._count(endpoint, [content for _, content in request.messages])
+                for (role, content), count in zip(request.messages, counts, strict=True):
+                    await self.store.add_message(request.session_id, role, content, count)
+            except ZenowError as exc:
+                failures.append(exc)
+                scope.cancel()
+        if deadline.cancelled_caught:
+            failures.append(ZenowError(f"storing the request's messages took over {STORE_DEADLINE:g} s"))
+            scope.cancel()
 
-    async def _stream_upstream(self, endpoint: str, prepared: _Prepared, messages: list[Turn], parts: list[str],
+    async def _stream_upstream(self, endpoint: str, prepared: _Prepared, prompt: list[dict[str, str]],
+                               reader: ReplyReader, parts: list[bytes],
                                send: trio.MemorySendChannel[StreamEvent]) -> StreamEvent:
-        """Forward llama-server's deltas to `send`; return the closing event."""
+        """Forward llama-server's deltas to `send` (whatever arrived in one read as one
+        `Delta`); return the closing event."""
         payload = {
-            "messages": [{"role": t.role, "content": t.content} for t in messages],
+            "messages": prompt,
             "stream": True,
             "stream_options": {"include_usage": True},
             **prepared.options,
         }
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
         try:
             async with self._http.stream("POST", f"{endpoint}/v1/chat/completions", json=payload) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == "[DONE]":
-                        return Finished(finish_reason, usage)
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        return Failed(f"llama-server failed: {_error_message(json.dumps(chunk))}")
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
-                        finish_reason = choice.get("finish_reason") or finish_reason
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            parts.append(content)
-                            await send.send(Delta(content))
+                async for data in response.aiter_bytes():
+                    frames, literal = reader.feed(data)
+                    if frames:
+                        parts.append(literal)
+                        await send.send(Delta(frames, literal))
+                    if reader.done:
+                        return Finished(reader.finish_reason, reader.usage)
                 return Failed("llama-server ended the stream without [DONE]")
         except httpx.HTTPError as exc:
             return Failed(f"llama-server connection failed: {exc.__class__.__name__}: {exc}".rstrip(": "))
-        except json.JSONDecodeError as exc:
+        except UpstreamFailed as exc:
+            return Failed(f"llama-server failed: {exc}")
+        except MalformedStream as exc:
             return Failed(f"llama-server sent malformed data: {exc}")
 
-    async def _save_reply(self, session_id: int, content: str) -> None:
-        if not content:
+    async def _save_reply(self, session_id: int, parts: list[bytes], reader: ReplyReader) -> None:
+        """Store the reply streamed so far, counted by llama-server's `usage` (or one token a delta)."""
+        if not parts:
             return
+        content = decode_literal(b"".join(parts))
+        usage = reader.usage or {}
+        tokens = usage.get("completion_tokens")
+        if not isinstance(tokens, int) or tokens < 0:
+            tokens = reader.deltas
         try:
-            tokens = await self.tokens.count(content)
             await self.store.add_message(session_id, "assistant", content, tokens)
         except Exception:  # never lose the stream over the save; say so loudly
             log.exception("could not save the assistant reply of session %d", session_id)
+
+
+def _surely_fits(texts: list[str], room: int) -> bool:
+    """Whether `texts` take at most `room` tokens whatever the tokenizer: one token covers at
+    least one UTF-8 byte, but for a few special tokens."""
+    if room <= 0:
+        return False
+    length = sum(len(text) for text in texts)
+    if 4 * length + SPECIAL_TOKENS_MARGIN * len(texts) <= room:  # no text is longer than 4 bytes a character
+        return True
+    if length + SPECIAL_TOKENS_MARGIN * len(texts) > room:
+        return False
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    return size + SPECIAL_TOKENS_MARGIN * len(texts) <= room
+
+
+def _interleave(texts: list[str]) -> list[str | int]:
+    """`texts` with the token id -1 between them, for one `/tokenize` call that counts each."""
+    content: list[str | int] = []
+    for text in texts:
+        if content:
+            content.append(-1)
+        content.append(text)
+    return content
 
 
 def _error_message(body: str) -> str:
@@ -366,15 +484,15 @@ class ChatStreamer:
     async def complete(self, request: ChatRequest) -> ChatResult:
         """Generate a whole reply.  Raises what `open` raises, or `UpstreamError`."""
         stream = await self.open(request)
-        parts: list[str] = []
+        parts: list[bytes] = []
         try:
             async for event in stream.events:
                 if isinstance(event, Delta):
-                    parts.append(event.content)
+                    parts.append(event.literal)
                 elif isinstance(event, Failed):
                     raise UpstreamError(event.message)
                 else:
-                    return ChatResult("".join(parts), event.finish_reason, event.usage)
+                    return ChatResult(decode_literal(b"".join(parts)), event.finish_reason, event.usage)
         finally:
             stream.cancel()
         raise UpstreamError("the reply ended without an end")

@@ -413,14 +413,17 @@ class ServerActor(Actor):
             await child.done.wait()
 
     def _command(self, binary: str, model: _Model, port: int, n_ctx: int) -> list[str]:
+        """llama-server's command line for `model` on `port`, with `n_ctx` tokens per conversation."""
         p = self._params
+        # llm: `parallel` slots of `n_ctx` tokens each (llama-server splits -c evenly between them)
+        slots = int(p.get("parallel", 1)) if self.mode == "llm" else 1
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(n_ctx), "-t", str(p["threads"]), "-ngl", str(p["gpu_layers"]),
+            "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(p["gpu_layers"]),
             "-b", str(p["batch_size"]), "--no-webui",
         ]
         if self.mode == "llm":
-            argv += ["-np", "1"]  # one slot owning the whole context window
+            argv += ["-np", str(slots)]  # conversations generated at once, with continuous batching
         elif self.mode == "embed":
             argv += ["--embedding", "-ub", str(p["batch_size"])]
         else:

@@ -29,6 +29,7 @@ __all__ = [
     "CONTEXT_OVERFLOW_KEY",
     "CONTEXT_UNKNOWN_MODEL_MAX",
     "MAX_TOKENS_MAX",
+    "PARALLEL_MAX",
     "SERVER_KEYS",
     "SYSTEM_PROMPT_MAX",
     "Bounds",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 #: Parameters that are llama-server command-line flags: changing one restarts the server.
-SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size"})
+SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "parallel"})
 
 #: The update key that lets `context_size` go past what the model was trained for.
 CONTEXT_OVERFLOW_KEY = "allow_context_overflow"
@@ -49,6 +50,8 @@ CONTEXT_MAX = 1_048_576
 #: ...nor beyond this while no model (or one that does not say its trained context) is loaded.
 CONTEXT_UNKNOWN_MODEL_MAX = 131_072
 MAX_TOKENS_MAX = 1_048_576
+#: Parallel slots of the llm server at most.
+PARALLEL_MAX = 64
 SYSTEM_PROMPT_MAX = 100_000
 
 #: Problems listed in one error message at most (a body may hold thousands of bad keys).
@@ -64,6 +67,10 @@ class _Server(BaseModel):
 
 
 class LlmParameters(_Server):
+    #: Conversations the llm server generates for at once (llama-server's slots, `-np`), with
+    #: continuous batching; each slot holds `context_size` tokens, so the KV cache takes
+    #: `context_size * parallel` tokens in all.
+    parallel: int = Field(4, ge=1, le=PARALLEL_MAX)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     repeat_penalty: float = Field(1.1, ge=1.0, le=2.0)
     max_tokens: int = Field(2048, ge=1, le=MAX_TOKENS_MAX)
