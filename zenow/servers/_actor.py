@@ -261,20 +261,23 @@ class ServerActor(Actor):
         update = validate_update(self.mode, self._params, changes, self._bounds(), self._context_overflow)
         changed = {k for k in update.parameters if update.parameters[k] != self._params.get(k)}
         requires_restart = bool(changed & SERVER_KEYS) or update.context_overflow != self._context_overflow
+        # the model that runs, or that failed with the old parameters (a fix may let it start)
         child = self._child
-        restart = requires_restart and child is not None and self.board.status.status in ("starting", "running")
-        if restart and child is not None:
-            n_ctx = effective_context(update.parameters["context_size"], child.model.info.context_length,
+        model = child.model if child is not None else self._model if self.board.status.status == "error" else None
+        restart = requires_restart and model is not None and self.board.status.status in (
+            "starting", "running", "error")
+        if restart and model is not None:
+            n_ctx = effective_context(update.parameters["context_size"], model.info.context_length,
                                       update.context_overflow)
-            await self._check_memory(child.model, n_ctx, param="context_size")
+            await self._check_memory(model, n_ctx, param="context_size")
         await self.store.set_parameters(self.mode, update.stored)
         self._params, self._context_overflow = update.parameters, update.context_overflow
         self.board.parameters = dict(update.parameters)
         self.store.events.publish(ParametersChanged(mode=self.mode, parameters=dict(update.parameters),
                                                     requires_restart=requires_restart))
-        if restart and child is not None:
+        if restart and model is not None:
             try:
-                await self._switch_to(child.model, fall_back=False)
+                await self._switch_to(model, fall_back=False)
             except ZenowError as exc:
                 log.error("%s: restart after a parameter change failed: %s", self.mode, exc)
         return requires_restart
@@ -419,9 +422,11 @@ class ServerActor(Actor):
         slots = int(p.get("parallel", 1)) if self.mode == "llm" else 1
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(p["gpu_layers"]),
+            "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
             "-b", str(p["batch_size"]), "--no-webui",
         ]
+        if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
+            argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
         if self.mode == "llm":
             argv += ["-np", str(slots)]  # conversations generated at once, with continuous batching
         elif self.mode == "embed":
@@ -443,6 +448,7 @@ class ServerActor(Actor):
         record = model.record
         try:
             binary = find_llama_server(self.settings)
+            await _check_workers(self._params.get("rpc_servers") or [])
         except ServerStartFailed as exc:
             self._fail(record, str(exc))
             raise
@@ -564,6 +570,36 @@ async def _close_quietly(log_file: Any) -> None:
         await log_file.aclose()
     except OSError:
         pass
+
+
+def _offloaded_layers(params: dict[str, Any]) -> int:
+    """`-ngl`: RPC workers count as offload devices, so with workers and `gpu_layers` 0 every
+    layer goes to them (split by their free memory); `gpu_layers` N keeps the rest here."""
+    return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
+
+
+#: Seconds an RPC worker gets to accept a connection before a start fails naming it.
+WORKER_CONNECT_TIMEOUT = 2.0
+
+
+async def _check_workers(workers: list[str]) -> None:
+    """Raise `ServerStartFailed` naming the first RPC worker that does not accept a connection.
+
+    llama-server would fail too, but with a message about backends; this one says which
+    worker to start (`zenow worker`) or to reach.
+    """
+    for worker in workers:
+        host, _, port = worker.rpartition(":")
+        try:
+            with trio.fail_after(WORKER_CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            await stream.aclose()
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "no answer" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            raise ServerStartFailed(
+                f"RPC worker {worker} cannot be reached ({reason}): start `zenow worker` there, or check "
+                f"the tunnel or network to it, or remove it from rpc_servers"
+            ) from None
 
 
 class ServerHandle:

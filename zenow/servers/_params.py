@@ -17,9 +17,9 @@ Bounds that depend on the machine or the model come in a `Bounds`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ..errors import InvalidRequest
 from ..settings import Mode
@@ -41,7 +41,10 @@ __all__ = [
 ]
 
 #: Parameters that are llama-server command-line flags: changing one restarts the server.
-SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "parallel"})
+SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "parallel"})
+
+#: One llama.cpp RPC worker: `host:port` (an IPv6 address in brackets).
+_RPC_WORKER = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})$"
 
 #: The update key that lets `context_size` go past what the model was trained for.
 CONTEXT_OVERFLOW_KEY = "allow_context_overflow"
@@ -64,6 +67,9 @@ class _Server(BaseModel):
     threads: int = Field(4, ge=1, le=1024)
     gpu_layers: int = Field(0, ge=0, le=10_000)
     batch_size: int = Field(512, ge=1, le=65_536)
+    #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
+    rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
+        default_factory=list, max_length=16)
 
 
 class LlmParameters(_Server):
