@@ -59,7 +59,10 @@ __all__ = ["ChatRequest", "ChatResult", "ChatStream", "ChatStreamer", "ChatStrea
 log = logging.getLogger(__name__)
 
 NOT_RUNNING = "LLM server is not running. Please select a model first."
-EVENT_BUFFER = 32
+#: No buffer between the streamer and its consumer: a delta is handed over when the consumer is ready
+#: for it, and what llama-server sends meanwhile goes out as one larger delta (batched writes when a
+#: client lags; backpressure reaches llama-server through the socket).
+EVENT_BUFFER = 0
 HISTORY_PAGE = 200
 #: Tokens the checks leave for special tokens a text may map to without covering a byte each.
 SPECIAL_TOKENS_MARGIN = 8

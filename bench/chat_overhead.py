@@ -1,0 +1,148 @@
+"""Benchmark 1, chat overhead: the same streamed chat straight to llama-server and through zenow.
+
+Starts `zenow serve` with SmolLM2 as its llm model, then a second llama-server with exactly the
+flags zenow gave its own (read from /proc), and sends the same request (system prompt + one
+question, temperature 0, fixed seed, N tokens) alternately: straight to that llama-server, through
+`/api/chat` (a fresh session each time, so the prompt is the same) and through
+`/v1/chat/completions`.  Reports time to first token, total time, tokens/s, zenow's CPU seconds
+per 1,000 tokens, and what zenow adds (paired differences within a round: medians and p90).
+
+    python bench/chat_overhead.py [--rounds 10] [--tokens 128] [--quick] [--zenow-path DIR]
+
+Targets (issue 11): at most 3 ms added to the time to first token, at most 2 % to the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+from _common import (
+    client,
+    cpu_seconds,
+    fmt,
+    llama_server_binary,
+    llm_child_argv,
+    median,
+    p90,
+    same_flags_other_port,
+    smollm2,
+    start_llama_server,
+    start_zenow,
+    table,
+    timed_stream,
+    wait_llm_running,
+    write_results,
+    zenow_env,
+)
+
+SYSTEM = "You are a helpful assistant."
+QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as home:
+        async with trio.open_nursery() as nursery:
+            zenow = await start_zenow(nursery, Path(home), "--default-llm", smollm2(),
+                                      env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
+                                      python_path=args.zenow_path)
+            try:
+                async with client(zenow.url) as http:
+                    await wait_llm_running(http)
+                    baseline = await start_llama_server(nursery, same_flags_other_port(await llm_child_argv(zenow)))
+                    try:
+                        return await measure(args, http, zenow.pid, baseline.url)
+                    finally:
+                        await baseline.stop()
+            finally:
+                await zenow.stop()
+
+
+async def measure(args: argparse.Namespace, http: Any, zenow_pid: int, llama_url: str) -> dict[str, Any]:
+    direct = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+              "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0,
+              "repeat_penalty": 1.1, "max_tokens": args.tokens, "seed": 42}
+    paths = ["llama-server", "/api/chat"] + ([] if args.no_v1 else ["/v1/chat/completions"])
+    await http.post("/api/models/update_param", json={"system_prompt": SYSTEM})
+
+    async def once(path: str) -> tuple[Any, float]:
+        if path == "llama-server":
+            return await timed_stream(http, f"{llama_url}/v1/chat/completions", direct), 0.0
+        before = cpu_seconds(zenow_pid)
+        if path == "/api/chat":
+            sid = (await http.post("/api/sessions", json={"first_message": "bench"})).json()["session_id"]
+            before = cpu_seconds(zenow_pid)
+            timed = await timed_stream(http, "/api/chat", {
+                "session_id": sid, "stream": True, "messages": [{"role": "user", "content": QUESTION}],
+                "temperature": 0.0, "max_tokens": args.tokens})
+        else:
+            timed = await timed_stream(http, "/v1/chat/completions", direct)
+        return timed, cpu_seconds(zenow_pid) - before
+
+    for path in paths:  # warm up: the prompt cache, connections, imports
+        await once(path)
+    samples: dict[str, list[Any]] = {p: [] for p in paths}
+    for round_ in range(args.rounds):
+        order = paths[round_ % len(paths):] + paths[:round_ % len(paths)]
+        for path in order:
+            samples[path].append(await once(path))
+    results: dict[str, Any] = {"rounds": args.rounds, "tokens": args.tokens, "paths": {}}
+    base = samples["llama-server"]
+    for path in paths:
+        rows = samples[path]
+        added_first = [(t.first - b.first) * 1000 for (t, _), (b, _) in zip(rows, base, strict=True)]
+        added_total = [(t.total / b.total - 1) * 100 for (t, _), (b, _) in zip(rows, base, strict=True)]
+        tokens = sum(t.tokens for t, _ in rows)
+        results["paths"][path] = {
+            "first_ms": [t.first * 1000 for t, _ in rows], "total_ms": [t.total * 1000 for t, _ in rows],
+            "tokens": [t.tokens for t, _ in rows], "added_first_ms": added_first, "added_total_pct": added_total,
+            "tokens_per_s": [t.tokens / t.total for t, _ in rows],
+            "zenow_cpu_s_per_1000_tokens": (sum(c for _, c in rows) / tokens * 1000) if path != "llama-server"
+            else None,
+        }
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    rows = []
+    for path, r in results["paths"].items():
+        zen = path != "llama-server"
+        rows.append([
+            path, fmt(median(r["first_ms"]), 1), fmt(p90(r["first_ms"]), 1),
+            fmt(median(r["added_first_ms"]), 1) if zen else "", fmt(p90(r["added_first_ms"]), 1) if zen else "",
+            fmt(median(r["total_ms"]), 0), fmt(median(r["added_total_pct"]), 2) + " %" if zen else "",
+            fmt(p90(r["added_total_pct"]), 2) + " %" if zen else "",
+            fmt(median(r["tokens_per_s"]), 1), fmt(r["zenow_cpu_s_per_1000_tokens"], 3) if zen else "",
+        ])
+    head = (f"Chat overhead: {results['rounds']} alternating rounds, {results['tokens']} tokens, "
+            "SmolLM2-135M, temperature 0\n\n")
+    return head + table(["path", "first token p50 ms", "p90", "added p50 ms", "added p90 ms", "total p50 ms",
+                         "added total p50", "p90", "tokens/s p50", "zenow CPU s / 1k tokens"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
+    parser.add_argument("--no-v1", action="store_true", help="leave /v1/chat/completions out")
+    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
+    parser.add_argument("--name", default="chat_overhead", help="the results file's name")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.tokens = min(args.rounds, 3), min(args.tokens, 64)
+
+    async def bounded() -> dict[str, Any]:
+        with trio.fail_after(args.timeout):
+            return await run(args)
+
+    results = trio.run(bounded)
+    write_results(args.name, results, render(results))
+
+
+if __name__ == "__main__":
+    main()
