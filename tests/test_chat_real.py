@@ -13,7 +13,7 @@ import trio
 
 from tests.support.harness import make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
-from zenow.chat import Turn, history_within
+from zenow.chat import Turn, history_in_steps
 from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
@@ -118,8 +118,8 @@ async def test_a_long_history_is_cut_to_the_newest_whole_messages_within_half_th
     async with httpx.AsyncClient(timeout=60, auth=child_auth()) as direct:
         tokenized = await direct.post(f"{child_url()}/tokenize", json={"content": system_prompt})
         system_tokens = len(tokenized.json()["tokens"])
-    kept = history_within(1024 // 2 - system_tokens,
-                          [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(stored)])
+    kept = history_in_steps(1024 // 2 - system_tokens, sum(m["token_count"] for m in stored),
+                            [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(stored)])
     assert 10 < len(kept) < 300 and kept[0].role == "user"
     assert [t.content for t in kept] == [m["content"] for m in stored[-len(kept):]]
 

@@ -15,7 +15,7 @@ import trio
 
 from tests.support.file_server import FileServer
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
-from tests.support.llama import FAKE_LLAMA_SERVER, alive, cmdline, llama_children
+from tests.support.llama import FAKE_LLAMA_SERVER, alive, cmdline, context_per_slot, llama_children
 from tests.support.tiny_models import write_stub_model
 
 
@@ -355,7 +355,7 @@ async def test_a_context_beyond_the_trained_one_needs_the_override_and_it_is_kep
         client = zenow.client
         await load(client, "alpha")  # a header saying 4096 tokens; the default context_size is 8192
         (child,) = llama_children(os.getpid())
-        assert cmdline(child)[cmdline(child).index("-c") + 1] == "4096"
+        assert context_per_slot(cmdline(child)) == 4096
 
         refused = await client.post("/api/models/update_param", json={"context_size": 8192})
         assert refused.status_code == 400
@@ -367,14 +367,14 @@ async def test_a_context_beyond_the_trained_one_needs_the_override_and_it_is_kep
                                    json={"context_size": 8192, "allow_context_overflow": True})
         assert forced.json()["requires_restart"] is True
         (child,) = llama_children(os.getpid())
-        assert cmdline(child)[cmdline(child).index("-c") + 1] == "8192"
+        assert context_per_slot(cmdline(child)) == 8192
         params = (await client.get("/api/models/get_param")).json()
         assert params["context_size"] == 8192 and "allow_context_overflow" not in params
 
     async with start_zenow(nursery, fake_settings) as zenow:  # the override is remembered
         await wait_status(zenow.client, "running")
         (child,) = llama_children(os.getpid())
-        assert cmdline(child)[cmdline(child).index("-c") + 1] == "8192"
+        assert context_per_slot(cmdline(child)) == 8192
 
 
 @pytest.fixture

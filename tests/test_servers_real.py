@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
-from tests.support.llama import alive, cmdline, llama_children
+from tests.support.llama import alive, cmdline, context_per_slot, llama_children
 from tests.support.tiny_models import write_stub_model
 from zenow.servers import child_auth
 
@@ -110,7 +110,7 @@ async def test_a_server_parameter_restarts_the_server_and_a_client_one_does_not(
         after = the_child("llm")
         assert after != before and not alive(before)
         argv = cmdline(after)
-        assert argv[argv.index("-c") + 1] == "1024"
+        assert context_per_slot(argv) == 1024
         assert (await status(client))["status"] == "running"
 
         client_only = await client.post("/api/models/update_param", json={"temperature": 0.2, "max_tokens": 64})
@@ -223,7 +223,7 @@ async def test_a_model_starts_with_at_most_the_context_it_was_trained_for(nurser
         loaded = await zenow.client.post("/api/models/load", json={"model_name": "tiny-llama"})
         assert loaded.status_code == 200, loaded.text
         argv = cmdline(the_child("llm"))
-        assert argv[argv.index("-c") + 1] == "4096"
+        assert context_per_slot(argv) == 4096
         assert (await zenow.client.get("/api/models/get_param")).json()["context_size"] == 8192
         refused = await zenow.client.post("/api/models/update_param", json={"context_size": 6000})
         assert refused.status_code == 400 and "4096 tokens tiny-llama was trained for" in refused.json()["detail"]

@@ -81,3 +81,9 @@ def llama_children(parent: int, mode_flag: str | None = None) -> list[int]:
         if is_llama and (mode_flag is None or mode_flag in argv or plain_llm):
             pids.append(pid)
     return pids
+
+
+def context_per_slot(argv: list[str]) -> int:
+    """The context each conversation gets from a llama-server command line: `-c` split over its `-np` slots."""
+    slots = int(argv[argv.index("-np") + 1]) if "-np" in argv else 1
+    return int(argv[argv.index("-c") + 1]) // slots
