@@ -401,7 +401,8 @@ async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_mo
         assert answer.status_code == 400
         detail = answer.json()["detail"]
         # 32 layers x 131072 tokens x 8 kv heads x (128 + 128) x 2 bytes = 16 GiB of KV cache alone
-        assert detail.startswith("Loading huge with context 131072 needs about 17.9 GiB of memory, only 8.0 GiB")
+        assert detail.startswith("Loading huge with context 131072 in each of 4 parallel slots needs about")
+        assert "GiB of memory, only 8.0 GiB" in detail and "lower context_size or parallel" in detail
         assert llama_children(os.getpid()) == [running]
         assert (await status(client))["model_name"] == "alpha"
         assert (await client.get("/api/models/current")).json()["name"] == "alpha"

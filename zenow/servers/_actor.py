@@ -363,7 +363,9 @@ class ServerActor(Actor):
     async def _check_memory(self, model: _Model, n_ctx: int, *, param: str) -> None:
         """Raise `InvalidRequest` (nothing touched) when starting `model` with `n_ctx` tokens needs
         more memory than is available, counting what stopping this mode's child would free."""
-        needed = _memory.load_needs(model.info, n_ctx)
+        slots = int(self._params.get("parallel", 1)) if self.mode == "llm" else 1
+        needed = _memory.load_needs(model.info, n_ctx * slots)  # every slot has its own KV cache
+        per_slot, or_parallel = (f" in each of {slots} parallel slots", " or parallel") if slots > 1 else ("", "")
         child = self._child
         pid = child.process.pid if child is not None and child.process is not None else None
 
@@ -376,8 +378,8 @@ class ServerActor(Actor):
         free = await trio.to_thread.run_sync(available)
         if free is not None and needed > free:
             raise InvalidRequest(
-                f"Loading {model.name} with context {n_ctx} needs about {_gib(needed)} GiB of memory, "
-                f"only {_gib(free)} GiB is available; lower context_size or free some memory",
+                f"Loading {model.name} with context {n_ctx}{per_slot} needs about {_gib(needed)} GiB "
+                f"of memory, only {_gib(free)} GiB is available; lower context_size{or_parallel} or free some memory",
                 param=param,
             )
 
