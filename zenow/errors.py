@@ -33,6 +33,8 @@ where they enter zenow, with `raise ... from`.
 
 from __future__ import annotations
 
+from .settings import MODES  # the one list of modes (settings imports nothing of zenow)
+
 __all__ = [
     "ActorCrashed",
     "ActorUnavailable",
@@ -88,7 +90,7 @@ class InvalidRequest(ZenowError):
 
 class InvalidMode(InvalidRequest):
     def __init__(self, mode: object) -> None:
-        super().__init__(f"Invalid mode {mode!r}: must be one of 'llm', 'embed', 'rerank'")
+        super().__init__(f"Invalid mode {mode!r}: must be one of {', '.join(repr(m) for m in MODES)}")
 
 
 class InvalidModelFile(InvalidRequest):

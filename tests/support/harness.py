@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -170,6 +169,3 @@ async def run_zenow_to_exit(home: Path, *extra: str, timeout: float = 60) -> tup
         )
     return result.returncode, result.stderr.decode()
 
-
-def terminate(process: trio.Process, sig: int = signal.SIGTERM) -> None:
-    process.send_signal(sig)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from ..errors import InvalidRequest
 from ..settings import Mode
+from ..validation import field_problems
 
 __all__ = [
     "CONTEXT_MAX",
@@ -249,14 +250,9 @@ def _is_unicode(text: str) -> bool:
 
 
 def _problems(exc: ValidationError, mode: Mode, current: dict[str, Any]) -> list[str]:
-    problems = []
-    for error in exc.errors():
-        key = ".".join(_shown_key(p) for p in error["loc"])
-        if error["type"] == "extra_forbidden":
-            problems.append(f"{key}: not a parameter of mode {mode} (valid: {', '.join(current)})")
-        else:
-            problems.append(f"{key}: {error['msg']}")
-    return problems
+    unknown = f"not a parameter of mode {mode} (valid: {', '.join(current)})"
+    problems = field_problems(exc, message=lambda error: unknown if error["type"] == "extra_forbidden" else None)
+    return [f"{_shown_key(key)}: {'; '.join(messages)}" for key, messages in problems.items()]
 
 
 def _shown_key(part: object) -> str:

@@ -18,6 +18,7 @@ from uuid import uuid4
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest, UpstreamError, ZenowError
+from ..validation import invalid_request
 
 __all__ = [
     "DONE",
@@ -65,31 +66,6 @@ EncodingFormat = Literal["float", "base64"]
 
 
 # ---------------------------------------------------------------- validation
-
-
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "is-instance"})
-
-
-def _field(loc: tuple[int | str, ...], prefix: str) -> str:
-    """The dotted field of a pydantic error location, without the union member tags
-    (`content.str`, `stop.list[str]`) pydantic adds after it."""
-    parts = [str(p) for p in loc]
-    while parts and (parts[-1] in _TYPE_TAGS or "[" in parts[-1] or "-" in parts[-1]):
-        parts.pop()
-    return prefix + ".".join(parts)
-
-
-def _invalid(error: ValidationError, prefix: str = "") -> InvalidRequest:
-    """One `InvalidRequest` naming every bad field, with `param` the first of them."""
-    problems: dict[str, list[str]] = {}
-    for item in error.errors():
-        message = "must be a JSON object" if item["type"] in ("model_type", "dict_type") else item["msg"]
-        found = problems.setdefault(_field(item["loc"], prefix), [])
-        if message not in found:
-            found.append(message)
-    first = next(iter(problems), "")
-    detail = "; ".join(f"{where or 'body'}: {' or '.join(messages)}" for where, messages in problems.items())
-    return InvalidRequest(detail, param=first or None)
 
 
 def _object(body: object) -> dict[str, Any]:
@@ -165,7 +141,7 @@ def parse_chat_completion(body: object) -> ChatCompletionRequest:
     try:
         chat = ChatCompletionBody.model_validate(values)
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid_request(exc) from None
     given = {k: v for k, v in values.items() if v is not None}
     options = {k: v for k, v in given.items() if k not in ("model", "stream", "stream_options",
                                                             "max_completion_tokens")}
@@ -221,7 +197,7 @@ def parse_embeddings(body: object) -> EmbeddingsRequest:
     try:
         parsed = EmbeddingsBody.model_validate(values)
     except ValidationError as exc:
-        error = _invalid(exc)
+        error = invalid_request(exc)
         if error.param and error.param.startswith("input"):
             raise InvalidRequest(
                 f"input: must be a non-empty string, a list of 1 to {MAX_INPUTS} non-empty strings, a non-empty "
@@ -271,7 +247,7 @@ def parse_rerank(body: object) -> RerankRequest:
     try:
         parsed = RerankBody.model_validate(values)
     except ValidationError as exc:
-        error = _invalid(exc)
+        error = invalid_request(exc)
         if error.param and error.param.startswith("documents."):
             index = error.param.split(".")[1]
             raise InvalidRequest(f"documents.{index}: must be a string or an object with a string `text`",
