@@ -52,3 +52,11 @@ def tiny_models(tmp_path_factory):
         "embed": tm.write_tiny_bert_embedding(folder / "tiny-bert-embed.gguf"),
         "rerank": tm.write_tiny_bert_reranker(folder / "tiny-bert-rerank.gguf"),
     }
+
+
+@pytest.fixture
+def event_log(tmp_path, monkeypatch):
+    """Where the fake llama-server logs what it sees (read it with `tests.support.llama.fake_events`)."""
+    path = tmp_path / "fake-events.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_EVENT_LOG", str(path))
+    return path

@@ -14,23 +14,10 @@ import trio
 
 from tests.support.harness import make_settings, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
+from tests.support.llama import fake_events as events
 
 FAKE_REPLY = "Hello from the fake server."
 ASK = {"model": "fake-a", "messages": [{"role": "user", "content": "hello there"}]}
-
-
-@pytest.fixture
-def event_log(tmp_path, monkeypatch):
-    path = tmp_path / "fake-events.jsonl"
-    monkeypatch.setenv("FAKE_LLAMA_EVENT_LOG", str(path))
-    return path
-
-
-def events(path, kind=None):
-    if not path.exists():
-        return []
-    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e for e in found if kind is None or e["event"] == kind]
 
 
 async def first(path, kind):

@@ -7,6 +7,7 @@ A test that needs the real binary or SmolLM2 fails when they are missing: it nev
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -87,3 +88,11 @@ def context_per_slot(argv: list[str]) -> int:
     """The context each conversation gets from a llama-server command line: `-c` split over its `-np` slots."""
     slots = int(argv[argv.index("-np") + 1]) if "-np" in argv else 1
     return int(argv[argv.index("-c") + 1]) // slots
+
+
+def fake_events(path: Path, kind: str | None = None) -> list[dict]:
+    """What the fake llama-server logged to FAKE_LLAMA_EVENT_LOG (see the `event_log` fixture), of `kind`."""
+    if not path.exists():
+        return []
+    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in found if kind is None or e["event"] == kind]
