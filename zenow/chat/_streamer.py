@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from ..errors import (
 from ..servers import ServerHandle, ServerStatus, child_auth
 from ..store import Store
 from ..tokens import TokenCounter, estimate_tokens
-from ._events import Delta, Failed, Finished, StreamEvent
+from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
 from ._prompt import Turn, history_in_steps
 from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
 
@@ -59,13 +59,16 @@ __all__ = ["ChatRequest", "ChatResult", "ChatStream", "ChatStreamer", "ChatStrea
 log = logging.getLogger(__name__)
 
 NOT_RUNNING = "LLM server is not running. Please select a model first."
-#: No buffer between the streamer and its consumer: a delta is handed over when the consumer is ready
-#: for it, and what llama-server sends meanwhile goes out as one larger delta (batched writes when a
-#: client lags; backpressure reaches llama-server through the socket).
-EVENT_BUFFER = 0
+#: Deltas the streamer may read ahead of its consumer: llama-server is read while the consumer writes,
+#: and the consumer sends every delta waiting as one write (`ChatStream.frames`), so a lagging client
+#: or a busy zenow gets fewer, larger writes.  When the buffer is full, what llama-server sends
+#: meanwhile waits in the socket and comes as one larger delta (backpressure reaches llama-server).
+EVENT_BUFFER = 8
 HISTORY_PAGE = 200
 #: Tokens the checks leave for special tokens a text may map to without covering a byte each.
 SPECIAL_TOKENS_MARGIN = 8
+#: The stream is asked for uncompressed, so its bytes are read raw, with no decoding layer.
+_UNCOMPRESSED = {"Accept-Encoding": "identity"}
 #: Seconds the request's messages may take to be counted and stored once generation began.
 STORE_DEADLINE = 30.0
 
@@ -87,6 +90,19 @@ class ChatStream:
     scope: trio.CancelScope
     #: Called once when the stream ends (its slot among the open streams is free again).
     on_end: Callable[[], None] | None = None
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The reply as SSE, ending with `data: [DONE]`: each chunk holds whole events, every
+        event already waiting when one arrives (a lagging reader gets fewer, larger chunks)."""
+        async for event in self.events:
+            frames = [sse(event)]
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    frames.append(sse(self.events.receive_nowait()))
+            chunk = b"".join(frame for frame in frames if frame is not None)
+            if chunk:
+                yield chunk
+        yield DONE
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -375,11 +391,12 @@ class ChatStreamerActor(Actor):
             **prepared.options,
         }
         try:
-            async with self._http.stream("POST", f"{endpoint}/v1/chat/completions", json=payload) as response:
+            async with self._http.stream("POST", f"{endpoint}/v1/chat/completions", json=payload,
+                                         headers=_UNCOMPRESSED) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
-                async for data in response.aiter_bytes():
+                async for data in response.aiter_raw():  # uncompressed: no decoder between the socket and us
                     frames, literal = reader.feed(data)
                     if frames:
                         parts.append(literal)
