@@ -128,7 +128,7 @@ class DownloadPolicy:
     #: The most bytes one read of the body asks for.
     read_bytes: int = 1 << 20
     #: Received bytes are written to the `.part` once this many are buffered, or this often.
-    flush_bytes: int = 4 << 20
+    flush_bytes: int = 1 << 20
     flush_interval: float = 0.5
     #: Written bytes are put on the disk every this many while the download goes on.
     write_back_bytes: int = 32 << 20

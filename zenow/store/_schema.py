@@ -73,6 +73,16 @@ MIGRATIONS: tuple[str, ...] = (
         message_count = (SELECT COUNT(*) FROM messages m WHERE m.session_id = sessions.id),
         total_tokens = (SELECT COALESCE(SUM(token_count), 0) FROM messages m WHERE m.session_id = sessions.id);
     """,
+    # 3 -> 4: the number of sessions kept in one row by triggers, so the list's `total` is read,
+    # not counted (COUNT(*) walks a whole index: linear in the sessions)
+    """
+    CREATE TABLE session_count (one INTEGER PRIMARY KEY CHECK (one = 1), sessions INTEGER NOT NULL);
+    INSERT INTO session_count (one, sessions) SELECT 1, COUNT(*) FROM sessions;
+    CREATE TRIGGER session_counted AFTER INSERT ON sessions
+        BEGIN UPDATE session_count SET sessions = sessions + 1; END;
+    CREATE TRIGGER session_uncounted AFTER DELETE ON sessions
+        BEGIN UPDATE session_count SET sessions = sessions - 1; END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
