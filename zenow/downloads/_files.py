@@ -145,12 +145,13 @@ class PartFile:
 
     def write(self, chunks: Sequence[bytes]) -> None:
         """Append `chunks` in order (a short write is continued, never dropped)."""
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[self._file.write(view):]
-            if self._digest is not None:
-                self._digest.update(chunk)
+        # one piece: every call below lets go of the GIL and must win it back from the event loop
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
+        if self._digest is not None:
+            self._digest.update(data)
 
     def sync(self) -> None:
         """The bytes are on the disk when this returns."""
