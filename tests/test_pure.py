@@ -73,3 +73,13 @@ def test_a_bad_mode_and_digest_forms():
 ])
 def test_the_token_estimate(text, tokens):
     assert estimate_tokens(text) == tokens
+
+
+def test_a_session_is_shown_with_every_field_of_its_record():
+    from dataclasses import asdict
+
+    from zenow.routes._shapes import session_json
+    from zenow.store import SessionInfo
+
+    session = SessionInfo(7, "名前", "2026-01-01T00:00:00", "2026-01-02T00:00:00", 3, 42)
+    assert session_json(session) == asdict(session)
