@@ -179,6 +179,19 @@ def newest_messages(
     return [_message(r) for r in rows]
 
 
+def session_with_newest_messages(
+    conn: sqlite3.Connection, session_id: int, count: int
+) -> tuple[SessionInfo, list[MessageInfo]]:
+    """The session and up to `count` of its newest messages, newest first, from one snapshot."""
+    with _Transaction(conn):
+        session = get_session(conn, session_id)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?",
+            (session_id, count),
+        ).fetchall()
+    return session, [_message(r) for r in rows]
+
+
 def clear_messages(conn: sqlite3.Connection, session_id: int) -> None:
     with _Transaction(conn):
         _require_session(conn, session_id)
