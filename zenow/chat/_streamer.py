@@ -374,14 +374,18 @@ class ChatStreamerActor(Actor):
         parts: list[bytes] = []
         failures: list[ZenowError] = []
         closing: StreamEvent | None = None
+        generating = trio.Event()
         try:
             async with trio.open_nursery() as storing:
-                storing.start_soon(self._store_request, prepared, endpoint, scope, failures)
+                storing.start_soon(self._store_request, prepared, endpoint, scope, failures, generating)
                 try:
                     with scope:
-                        closing = await self._stream_upstream(endpoint, prepared, prompt, reader, parts, send)
+                        closing = await self._stream_upstream(endpoint, prepared, prompt, reader, parts, send,
+                                                              generating)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the consumer went away; the upstream request is closed by now
+                finally:
+                    generating.set()
         finally:
             if not failures:  # the request is stored: its reply follows it
                 with trio.CancelScope(shield=True):
@@ -393,9 +397,12 @@ class ChatStreamerActor(Actor):
                 await send.send(closing)
 
     async def _store_request(self, prepared: _Prepared, endpoint: str, scope: trio.CancelScope,
-                             failures: list[ZenowError]) -> None:
-        """Count (unless counted) and store the request's messages, whatever happens to the
-        stream meanwhile; on failure note it in `failures` and stop the stream."""
+                             failures: list[ZenowError], generating: trio.Event) -> None:
+        """Once the first token came (or the stream ended), count (unless counted) and store the
+        request's messages, whatever happens to the stream meanwhile; on failure note it in
+        `failures` and stop the stream.  Waiting for the first token keeps the `/tokenize` call
+        and the database writes off the CPU while llama-server reads the prompt."""
+        await generating.wait()
         request = prepared.request
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_DEADLINE) as deadline:
             try:
@@ -413,9 +420,9 @@ class ChatStreamerActor(Actor):
 
     async def _stream_upstream(self, endpoint: str, prepared: _Prepared, prompt: list[dict[str, str]],
                                reader: ReplyReader, parts: list[bytes],
-                               send: trio.MemorySendChannel[StreamEvent]) -> StreamEvent:
+                               send: trio.MemorySendChannel[StreamEvent], generating: trio.Event) -> StreamEvent:
         """Forward llama-server's deltas to `send` (whatever arrived in one read as one
-        `Delta`); return the closing event."""
+        `Delta`), setting `generating` at the first; return the closing event."""
         payload = {
             "messages": prompt,
             "stream": True,
@@ -431,6 +438,7 @@ class ChatStreamerActor(Actor):
                 async for data in response.aiter_raw():  # uncompressed: no decoder between the socket and us
                     frames, literal = reader.feed(data)
                     if frames:
+                        generating.set()
                         parts.append(literal)
                         await send.send(Delta(frames, literal))
                     if reader.done:
