@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import httpx
 import trio
@@ -626,13 +626,26 @@ class DownloadActor(Actor):
 
     async def _check_room(self, directory: Path, needed: int, *, size_known: bool, received: int) -> None:
         """Raise `_Failure` (the `.part` stays) unless writing `needed` more bytes leaves the margin free."""
+        room = await self._room(directory)
+        if needed <= room:
+            return
+        self._no_room(directory, needed, room, size_known=size_known, received=received)
+
+    async def _room(self, directory: Path) -> int:
+        """Bytes that may still be written in `directory` with the margin left free (may be < 0).
+
+        Raises `_Failure` when the free space cannot be read.
+        """
         try:
             free = await trio.to_thread.run_sync(self._policy.free_space, directory)
         except OSError as exc:
             raise _Failure(f"cannot check the free disk space in {directory}: {exc.strerror or exc}") from exc
+        return free - self._settings.download_free_margin
+
+    def _no_room(self, directory: Path, needed: int, room: int, *, size_known: bool, received: int) -> NoReturn:
+        """Raise the `_Failure` of a download that needs `needed` more bytes where `room` may be written."""
         margin = self._settings.download_free_margin
-        if free - needed >= margin:
-            return
+        free = room + margin
         keep = f"and {_amount(margin)} must stay free (download_free_margin)"
         if size_known:
             raise _Failure(f"not enough disk space: the download needs {_amount(needed)} more,"
@@ -674,8 +687,13 @@ class DownloadActor(Actor):
             try:
                 if total is None:  # nobody said how much is coming: look at the disk as it fills
                     await sink.settle()
-                    await self._check_room(part.parent, sink.buffered, size_known=False,
-                                           received=download.downloaded)
+                    room = await self._room(part.parent)
+                    if sink.buffered > room:  # what still fits is kept for a resume once space is freed
+                        needed = sink.buffered
+                        sink.keep_first(max(room, 0))
+                        await sink.write_all()
+                        self._no_room(part.parent, needed, room, size_known=False,
+                                      received=download.downloaded - needed + max(room, 0))
                 await sink.write_buffered()
             except OSError as exc:
                 raise _write_failure(part, exc) from exc

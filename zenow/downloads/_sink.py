@@ -47,6 +47,17 @@ class PartSink:
         self._chunks.append(chunk)
         self.buffered += len(chunk)
 
+    def keep_first(self, size: int) -> None:
+        """Keep only the first `size` bytes of what is buffered."""
+        kept: list[bytes] = []
+        left = size
+        for chunk in self._chunks:
+            if left <= 0:
+                break
+            kept.append(chunk[:left])
+            left -= len(kept[-1])
+        self._chunks, self.buffered = kept, size - max(left, 0)
+
     def drop_buffered(self) -> None:
         """Forget what is buffered (it will not be written)."""
         self._chunks, self.buffered = [], 0
