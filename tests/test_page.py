@@ -1,0 +1,107 @@
+"""The page zenow serves at `/` (zenow/web/, zenow/routes/page.py), over HTTP and in a real Chromium.
+
+The HTTP tests check what the browser is told: caching, the Content-Security-Policy, and
+that the page needs no key while /api still does.  The browser tests drive Debian's
+Chromium with Playwright (tests/support/browser.py) against a real zenow, and fail on any
+console error; the ones that chat, stop, download and load run the real llama-server with
+SmolLM2 or a tiny generated model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import httpx
+import pytest
+import trio
+
+from tests.support.browser import browser, in_browser, screenshot, wait_until
+from tests.support.file_server import FileServer
+from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for, wait_status
+from zenow.routes.page import ASSET_MAX_AGE, CONTENT_SECURITY_POLICY, read_page_files
+
+ASSET = re.compile(r'(?:src|href)="(/assets/([0-9a-f]{16})/[^"]+)"')
+
+
+def check_security_headers(response: httpx.Response) -> None:
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+def test_the_policy_allows_only_this_origin_and_no_framing():
+    directives = dict(d.strip().split(" ", 1) for d in CONTENT_SECURITY_POLICY.split(";"))
+    assert directives["default-src"] == "'self'"
+    assert directives["script-src"] == directives["style-src"] == "'self'"  # no 'unsafe-inline', no eval
+    assert directives["frame-ancestors"] == "'none'"
+    assert directives["object-src"] == directives["base-uri"] == "'none'"
+
+
+async def test_the_page_is_revalidated_and_its_assets_are_cached_under_their_version(client):
+    page = await client.get("/")
+    assert page.status_code == 200
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert page.headers["Cache-Control"] == "no-cache"
+    check_security_headers(page)
+    assert "<script>" not in page.text and "style=" not in page.text  # nothing inline for the policy to refuse
+    assets = ASSET.findall(page.text)
+    assert {path.rsplit("/", 1)[1] for path, _ in assets} >= {"app.js", "page.css", "favicon.svg"}
+    version = assets[0][1]
+    assert {v for _, v in assets} == {version}
+    assert page.headers["ETag"] == f'"{version}"'
+
+    again = await client.get("/", headers={"If-None-Match": page.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+
+    for path, _ in assets:
+        asset = await client.get(path)
+        assert asset.status_code == 200, path
+        assert asset.headers["Cache-Control"] == f"public, max-age={ASSET_MAX_AGE}, immutable"
+        check_security_headers(asset)
+    kinds = {path.rsplit(".", 1)[1]: (await client.get(path)).headers["Content-Type"] for path, _ in assets}
+    assert kinds == {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8",
+                     "svg": "image/svg+xml"}
+
+    # The modules import each other and the vendored libraries by relative paths, inside the version.
+    markdown = await client.get(f"/assets/{version}/js/markdown.js")
+    for relative in re.findall(r'from "\.\./([^"]+)"', markdown.text):
+        assert (await client.get(f"/assets/{version}/{relative}")).status_code == 200, relative
+    for licence in ("vendor/marked/LICENSE", "vendor/dompurify/LICENSE", "vendor/dompurify/LICENSE-MPL"):
+        answer = await client.get(f"/assets/{version}/{licence}")
+        assert answer.status_code == 200 and answer.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+async def test_an_asset_of_another_version_or_outside_the_page_is_not_found(client):
+    version = ASSET.findall((await client.get("/")).text)[0][1]
+    for path in (f"/assets/{'0' * 16}/js/app.js", f"/assets/{version}/js/nope.js",
+                 f"/assets/{version}/../routes/page.py", f"/assets/{version}/%2e%2e/__init__.py",
+                 f"/assets/{version}/index.html"):
+        answer = await client.get(path)
+        assert answer.status_code == 404, path
+        assert "detail" in answer.json()
+
+
+def test_the_version_changes_with_any_file(tmp_path):
+    web = tmp_path / "web"
+    shutil.copytree(read_page_files.__globals__["files"]("zenow").joinpath("web"), web)
+    before = read_page_files(web)
+    (web / "js" / "dom.js").write_text((web / "js" / "dom.js").read_text() + "\n// changed\n")
+    after = read_page_files(web)
+    assert before.version != after.version
+    assert after.version.encode() in after.index and b"{{version}}" not in after.index
+
+
+async def test_the_page_needs_no_key_but_the_api_still_does(nursery, tmp_path):
+    async with start_zenow(nursery, make_settings(tmp_path / "home", api_keys=("s3cret",))) as zenow:
+        page = await zenow.client.get("/")
+        assert page.status_code == 200
+        path, _ = ASSET.findall(page.text)[0]
+        assert (await zenow.client.get(path)).status_code == 200
+        assert (await zenow.client.get("/api/sessions")).status_code == 401
+        assert (await zenow.client.get("/api/sessions", headers={"x-api-key": "s3cret"})).status_code == 200
+        assert (await zenow.client.post("/", json={})).status_code == 401  # only GET is let through
