@@ -105,3 +105,53 @@ async def test_the_page_needs_no_key_but_the_api_still_does(nursery, tmp_path):
         assert (await zenow.client.get("/api/sessions")).status_code == 401
         assert (await zenow.client.get("/api/sessions", headers={"x-api-key": "s3cret"})).status_code == 200
         assert (await zenow.client.post("/", json={})).status_code == 401  # only GET is let through
+
+
+# ---------------------------------------------------------------- in the browser
+
+
+HOSTILE_REPLY = (
+    "Here you go: <img src=x onerror=\"window.__pwned = 'img'\"> and "
+    "<script>window.__pwned = 'script'</script>\n\n"
+    "[click me](javascript:window.__pwned='link') and ![pixel](http://203.0.113.7/track.png)\n\n"
+    "```python\nprint('<b>not bold</b>')\n```\n\n**bold** text"
+)
+
+
+async def test_a_hostile_reply_renders_as_text_and_nothing_runs(zenow, tmp_path):
+    session = await create_session(zenow.client, "Tell me about images")
+    sid = session["session_id"]
+    await add_message(zenow.client, sid, "user", "Tell me about images")
+    await add_message(zenow.client, sid, "assistant", HOSTILE_REPLY)
+
+    def scenario() -> dict:
+        with browser(zenow.url) as b:
+            page = b.window(f"/#chat/{sid}")
+            reply = page.locator('#messages li.message.assistant .message-body')
+            reply.wait_for()
+            found = page.evaluate("""() => {
+                const body = document.querySelector('#messages li.message.assistant .message-body');
+                return {
+                    text: body.textContent,
+                    images: document.querySelectorAll('#messages img').length,
+                    scripts: document.querySelectorAll('#messages script').length,
+                    handlers: [...document.querySelectorAll('#messages *')]
+                        .flatMap(e => [...e.attributes].map(a => a.name)).filter(n => n.startsWith('on')),
+                    hrefs: [...body.querySelectorAll('a')].map(a => a.getAttribute('href')),
+                    code: body.querySelector('pre code')?.textContent,
+                    bold: [...body.querySelectorAll('strong')].map(e => e.textContent),
+                    pwned: window.__pwned ?? null,
+                };
+            }""")
+            screenshot(page, tmp_path, "hostile.png")
+            return found
+
+    found = await in_browser(scenario)
+    assert '<img src=x onerror="window.__pwned = \'img\'">' in found["text"]  # shown as the text it is
+    assert "<script>window.__pwned = 'script'</script>" in found["text"]
+    assert found["images"] == found["scripts"] == 0 and found["handlers"] == []
+    assert not any(href and href.startswith("javascript:") for href in found["hrefs"])
+    assert "http://203.0.113.7/track.png" in found["hrefs"]  # an image is a link, never loaded
+    assert found["code"] == "print('<b>not bold</b>')\n"
+    assert found["bold"] == ["bold"]
+    assert found["pwned"] is None
