@@ -155,3 +155,134 @@ async def test_a_hostile_reply_renders_as_text_and_nothing_runs(zenow, tmp_path)
     assert found["code"] == "print('<b>not bold</b>')\n"
     assert found["bold"] == ["bold"]
     assert found["pwned"] is None
+
+
+def messages_in(page) -> list[dict]:
+    """The conversation as the window shows it: role, text, stored id (None until stored)."""
+    return page.evaluate("""() => [...document.querySelectorAll('#messages li.message[data-role]')].map(li => ({
+        role: li.dataset.role,
+        text: li.querySelector('.message-body').textContent,
+        id: li.dataset.messageId ? Number(li.dataset.messageId) : null,
+    }))""")
+
+
+def session_names(page) -> list[str]:
+    return page.locator("#session-list .session-name").all_text_contents()
+
+
+def send(page, text: str) -> None:
+    page.locator("#prompt").fill(text)
+    page.locator("#prompt").press("Enter")
+
+
+async def stored(client, session_id: int) -> list[dict]:
+    answer = await client.get(f"/api/sessions/{session_id}/messages")
+    assert answer.status_code == 200, answer.text
+    return [{"role": m["role"], "text": m["content"], "id": m["id"]} for m in answer.json()["messages"]]
+
+
+@pytest.mark.real_llama
+async def test_chat_streams_names_the_session_keeps_history_and_syncs_two_windows(nursery, tmp_path, llama_server,
+                                                                                    smollm2):
+    settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
+    async with start_zenow(nursery, settings) as zenow:
+        await wait_status(zenow.client, "running")
+        from_trio = trio.from_thread.run
+
+        def scenario() -> None:
+            with browser(zenow.url) as b:
+                first = b.window("/")
+                first.locator('#llm-pill[data-status="running"]').wait_for()
+                first.locator("#temperature").fill("0")
+                first.locator("#max-tokens").fill("48")
+
+                # Shift+Enter is a new line, not a send.
+                first.locator("#prompt").fill("Name three colours.")
+                first.locator("#prompt").press("Shift+Enter")
+                assert first.locator("#prompt").input_value() == "Name three colours.\n"
+                assert messages_in(first) == []
+
+                send(first, "Name three colours.")
+                # Tokens appear while the reply is still streaming.
+                wait_until(first, """() => {
+                    const li = document.querySelector('#messages li.message.assistant.streaming');
+                    return li && li.querySelector('.message-body').textContent.trim().length > 0;
+                }""")
+                wait_until(first, "() => !document.querySelector('#messages li.streaming') && "
+                                  "document.querySelectorAll('#messages li[data-message-id]').length === 2")
+                assert session_names(first) == ["Name three colours."]
+                assert first.locator("#session-title").text_content() == "Name three colours."
+                sid = int(first.evaluate("location.hash").split("/")[1])
+                shown = messages_in(first)
+                saved = from_trio(stored, zenow.client, sid)
+                assert [m["role"] for m in shown] == ["user", "assistant"] and shown[1]["text"].strip()
+                assert [m["id"] for m in shown] == [m["id"] for m in saved]
+                assert shown[0]["text"] == saved[0]["text"] == "Name three colours."
+                assert shown[1]["text"].split() == saved[1]["text"].replace("*", "").split()
+                screenshot(first, tmp_path, "page-chat.png")
+
+                # A second window on the same session sees what the first one sends.
+                second = b.window(f"/#chat/{sid}")
+                wait_until(second, "() => document.querySelectorAll('#messages li[data-message-id]').length === 2")
+                send(first, "And one more?")
+                wait_until(second, "() => document.querySelectorAll('#messages li[data-message-id]').length === 4")
+                wait_until(first, "() => document.querySelectorAll('#messages li[data-message-id]').length === 4")
+                assert [m["id"] for m in messages_in(second)] == [m["id"] for m in messages_in(first)]
+                assert messages_in(second)[2]["text"] == "And one more?"
+
+                # A reload shows the history.
+                first.reload()
+                wait_until(first, "() => document.querySelectorAll('#messages li[data-message-id]').length === 4")
+                assert [m["id"] for m in messages_in(first)] == [m["id"] for m in from_trio(stored, zenow.client, sid)]
+
+                # Rename: both windows follow.
+                first.locator("#rename-session").click()
+                first.locator("#rename-input").fill("Colours, again")
+                first.locator("#rename-input").press("Enter")
+                for window in (first, second):
+                    wait_until(window, "() => document.querySelector('#session-title').textContent === 'Colours, again'")
+                    assert session_names(window) == ["Colours, again"]
+
+                # Delete asks for a second click, then the session is gone everywhere.
+                first.locator("#delete-session").click()
+                assert first.locator("#delete-session").text_content() == "Confirm delete"
+                first.locator("#delete-session").click()
+                for window in (first, second):
+                    wait_until(window, "() => document.querySelectorAll('#session-list li').length === 0")
+                    assert window.locator("#session-title").text_content() == "New chat"
+                    assert messages_in(window) == []
+
+        await in_browser(scenario)
+        assert (await zenow.client.get("/api/sessions")).json()["total"] == 0
+
+
+@pytest.mark.real_llama
+async def test_stop_mid_answer_keeps_the_partial_reply(nursery, tmp_path, llama_server, smollm2):
+    settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
+    async with start_zenow(nursery, settings) as zenow:
+        await wait_status(zenow.client, "running")
+
+        def scenario() -> dict:
+            with browser(zenow.url) as b:
+                page = b.window("/")
+                page.locator('#llm-pill[data-status="running"]').wait_for()
+                page.locator("#max-tokens").fill("2000")
+                send(page, "Write a very long story about a dragon who learns to bake bread.")
+                wait_until(page, """() => {
+                    const li = document.querySelector('#messages li.message.assistant.streaming');
+                    return li && li.querySelector('.message-body').textContent.length > 40;
+                }""")
+                page.locator("#stop").click()
+                # zenow stores the partial reply; the window then shows exactly what was stored.
+                wait_until(page, "() => document.querySelectorAll('#messages li[data-message-id]').length === 2")
+                assert page.locator("#messages li.message.assistant.stopped").count() == 1
+                assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+                return {"sid": int(page.evaluate("location.hash").split("/")[1]), "shown": messages_in(page)}
+
+        result = await in_browser(scenario)
+        answer = (await zenow.client.get(f"/api/sessions/{result['sid']}/messages")).json()["messages"]
+        assert [m["role"] for m in answer] == ["user", "assistant"]
+        reply = answer[1]
+        assert len(reply["content"]) > 40
+        assert 0 < reply["token_count"] < 2000  # cut short, not finished
+        assert result["shown"][1]["id"] == reply["id"]
