@@ -286,3 +286,176 @@ async def test_stop_mid_answer_keeps_the_partial_reply(nursery, tmp_path, llama_
         assert len(reply["content"]) > 40
         assert 0 < reply["token_count"] < 2000  # cut short, not finished
         assert result["shown"][1]["id"] == reply["id"]
+
+
+@pytest.mark.real_llama
+async def test_a_download_shows_progress_to_the_end_and_the_model_loads_live(nursery, tmp_path, llama_server,
+                                                                            tiny_models):
+    files = FileServer()
+    await files.start(nursery)
+    data = tiny_models["llm"].read_bytes()
+    # Trickled, so the download takes a few seconds and its progress is seen on the way.
+    files.add("/models/tiny-chat.gguf", data, chunk_size=len(data) // 40 + 1, trickle=0.1)
+    url = files.url("/models/tiny-chat.gguf")
+    settings = make_settings(tmp_path / "home", llama_server=llama_server)
+    async with start_zenow(nursery, settings) as zenow:
+
+        def scenario() -> dict:
+            with browser(zenow.url) as b:
+                page = b.window("/#models")
+                page.locator('.mode-card[data-mode="llm"] .pill[data-status="not_started"]').wait_for()
+                page.evaluate("window.__samePage = true")
+                page.locator("#download-url").fill(url)
+                page.locator("#download-mode").select_option("llm")
+                page.locator("#download-name").fill("tiny-chat")
+                page.locator("#download-form button[type=submit]").click()
+
+                row = page.locator('.download-row[data-status="downloading"]')
+                row.wait_for()
+                midway = wait_until(page, """() => {
+                    const bar = document.querySelector('.download-row progress');
+                    return bar && bar.value > 0 && bar.value < 100 && bar.value;
+                }""")
+                page.locator('.download-row[data-status="completed"]').wait_for()
+                final = page.evaluate("document.querySelector('.download-row progress').value")
+                facts = page.locator(".download-row .download-facts").text_content()
+
+                model = page.locator('.mode-card[data-mode="llm"] .model-row[data-model="tiny-chat"]')
+                model.wait_for()
+                size = model.locator(".model-size").text_content()
+
+                # Every state the llm card shows from now on, as it changes.
+                page.evaluate("""() => {
+                    window.__seen = [];
+                    const pill = document.querySelector('.mode-card[data-mode="llm"] .pill');
+                    new MutationObserver(() => window.__seen.push(pill.dataset.status))
+                        .observe(pill, {attributes: true, childList: true, characterData: true, subtree: true});
+                }""")
+                model.locator("button").click()
+                page.locator('.mode-card[data-mode="llm"] .pill[data-status="running"]').wait_for()
+                page.locator('#llm-pill[data-status="running"]').wait_for()
+                model.locator("button", has_text="Loaded").wait_for()
+                screenshot(page, tmp_path, "page-models.png")
+                return {"midway": midway, "final": final, "facts": facts, "size": size,
+                        "seen": page.evaluate("window.__seen"), "same": page.evaluate("window.__samePage === true"),
+                        "card": page.locator('.mode-card[data-mode="llm"] .mode-line').text_content()}
+
+        seen = await in_browser(scenario)
+        assert 0 < seen["midway"] < 100
+        assert seen["final"] == 100 and seen["facts"].startswith("100 %")
+        assert seen["size"] == f"{len(data) / 1000:.0f} kB"
+        assert "starting" in seen["seen"] and seen["seen"][-1] == "running"
+        assert seen["seen"].index("starting") < len(seen["seen"]) - 1
+        assert seen["same"]  # no reload happened
+        assert seen["card"] == "Model: tiny-chat"
+        assert (await wait_status(zenow.client, "running"))["model_name"] == "tiny-chat"
+
+
+async def test_the_page_says_when_no_chat_model_runs_and_when_zenow_is_gone(zenow, tmp_path):
+    def scenario() -> dict:
+        # Once zenow is stopped the browser itself reports the refused connections; nothing else may fail.
+        with browser(zenow.url, expected_errors=("ERR_CONNECTION_REFUSED", "ERR_EMPTY_RESPONSE")) as b:
+            page = b.window("/")
+            banner = page.locator("#banner")
+            wait_until(page, "() => document.querySelector('#banner').textContent.includes('No chat model is running')")
+            assert "llm not started" in banner.text_content()
+            send(page, "hello?")  # not sent: the banner says why
+            assert page.locator("#messages li").count() == 0
+            assert page.locator("#prompt").input_value() == "hello?"
+            assert page.evaluate("document.querySelector('#banner').classList.contains('flash')")
+
+            trio.from_thread.run_sync(zenow.shutdown.set)
+            wait_until(page, "() => document.querySelector('#banner').textContent.includes('unreachable')")
+            return {"kind": banner.get_attribute("data-kind")}
+
+    seen = await in_browser(scenario)
+    assert seen["kind"] == "error"
+
+
+async def test_the_page_asks_for_the_api_key_once_and_keeps_it(nursery, tmp_path):
+    async with start_zenow(nursery, make_settings(tmp_path / "home", api_keys=("s3cret",))) as zenow:
+        zenow.client.headers["x-api-key"] = "s3cret"
+        await create_session(zenow.client, "Kept behind a key")
+
+        def scenario() -> dict:
+            with browser(zenow.url) as b:
+                page = b.window("/")
+                dialog = page.locator("#key-dialog")
+                dialog.wait_for(state="visible")
+                page.locator("#key-input").fill("wrong")
+                page.locator("#key-input").press("Enter")
+                wait_until(page, "() => document.querySelector('#key-message').textContent.includes('did not accept')")
+                assert dialog.is_visible()
+                page.locator("#key-input").fill("s3cret")
+                page.locator("#key-input").press("Enter")
+                page.locator("#session-list .session-name", has_text="Kept behind a key").wait_for()
+                assert not dialog.is_visible()
+
+                again = b.window("/")  # another window of the same browser: the key is kept
+                again.locator("#session-list .session-name", has_text="Kept behind a key").wait_for()
+                again.locator('#llm-pill[data-status="not_started"]').wait_for()  # the events are in
+                return {"dialog": again.locator("#key-dialog").is_visible(),
+                        "stored": again.evaluate("localStorage.getItem('zenow.apiKey')")}
+
+        seen = await in_browser(scenario)
+        assert seen == {"dialog": False, "stored": "s3cret"}
+
+
+async def test_parameters_are_edited_with_the_restart_note(zenow, tmp_path):
+    def scenario() -> dict:
+        # The browser reports the refused update (the test makes it on purpose) as a failed resource.
+        with browser(zenow.url, expected_errors=(r"status of 400 .*update_param",)) as b:
+            page = b.window("/#models")
+            card = page.locator('.mode-card[data-mode="llm"]')
+            card.locator("summary").click()
+            card.locator('[data-parameter="temperature"]').fill("0.3")
+            card.locator("button", has_text="Save parameters").click()
+            note = card.locator(".parameters .form-message")
+            wait_until(page, "() => document.querySelector('.mode-card[data-mode=llm] .parameters .form-message')"
+                             ".textContent.startsWith('Saved')")
+            first = note.text_content()
+            card.locator('[data-parameter="context_size"]').fill("1024")
+            card.locator("button", has_text="Save parameters").click()
+            wait_until(page, "() => document.querySelector('.mode-card[data-mode=llm] .parameters .form-message')"
+                             ".textContent.includes('next starts')")
+            card.locator('[data-parameter="context_size"]').fill("-5")
+            card.locator("button", has_text="Save parameters").click()
+            wait_until(page, "() => document.querySelector('.mode-card[data-mode=llm] .parameters .form-message')"
+                             ".dataset.kind === 'error'")
+            refused = note.text_content()
+            page.locator("#tab-chat").click()
+            return {"first": first, "refused": refused,
+                    "placeholder": page.locator("#temperature").get_attribute("placeholder")}
+
+    seen = await in_browser(scenario)
+    assert seen["first"] == "Saved: applies to the next request."
+    assert "context_size" in seen["refused"]
+    assert seen["placeholder"] == "0.3"  # the chat's default follows the parameter
+    parameters = (await zenow.client.get("/api/models/get_param", params={"mode": "llm"})).json()
+    assert parameters["temperature"] == 0.3 and parameters["context_size"] == 1024
+
+
+async def test_a_narrow_window_puts_the_sessions_in_a_drawer(zenow, tmp_path):
+    await create_session(zenow.client, "A session on a phone")
+
+    def scenario() -> dict:
+        with browser(zenow.url) as b:
+            page = b.window("/", width=390, height=760)
+            page.locator("#session-list .session-name").first.wait_for(state="attached")
+            hidden = page.locator("#sessions").bounding_box()
+            page.locator("#toggle-sessions").click()
+            page.locator("#session-list .session-name", has_text="A session on a phone").wait_for()
+            wait_until(page, "() => document.querySelector('#sessions').getBoundingClientRect().left >= 0")
+            shown = page.locator("#sessions").bounding_box()
+            page.locator("#session-list .session-name").first.click()
+            wait_until(page, "() => document.querySelector('#sessions').getBoundingClientRect().right <= 0")
+            screenshot(page, tmp_path, "narrow.png")
+            return {"hidden": hidden, "shown": shown,
+                    "overflow": page.evaluate("document.documentElement.scrollWidth - window.innerWidth"),
+                    "composer": page.locator("#send").is_visible() and page.locator("#prompt").is_visible(),
+                    "title": page.locator("#session-title").text_content()}
+
+    seen = await in_browser(scenario)
+    assert seen["hidden"]["x"] + seen["hidden"]["width"] <= 0 and seen["shown"]["x"] >= 0
+    assert seen["overflow"] <= 0 and seen["composer"]
+    assert seen["title"] == "A session on a phone"
