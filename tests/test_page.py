@@ -459,3 +459,29 @@ async def test_a_narrow_window_puts_the_sessions_in_a_drawer(zenow, tmp_path):
     assert seen["hidden"]["x"] + seen["hidden"]["width"] <= 0 and seen["shown"]["x"] >= 0
     assert seen["overflow"] <= 0 and seen["composer"]
     assert seen["title"] == "A session on a phone"
+
+
+async def test_a_running_download_is_cancelled_from_the_page(zenow, nursery, tmp_path, tiny_models):
+    files = FileServer()
+    await files.start(nursery)
+    data = tiny_models["embed"].read_bytes()
+    served = files.add("/embedder.gguf", data, holds=[len(data) // 3])
+    url = files.url("/embedder.gguf")
+
+    def scenario() -> dict:
+        with browser(zenow.url) as b:
+            page = b.window("/#models")
+            page.locator("#download-url").fill(url)
+            page.locator("#download-mode").select_option("embed")
+            page.locator("#download-form button[type=submit]").click()
+            page.locator('.download-row[data-status="downloading"] button', has_text="Cancel").click()
+            page.locator('.download-row[data-status="failed"]').wait_for()
+            return {"error": page.locator(".download-row .mode-error").text_content(),
+                    "actions": page.locator(".download-row .download-actions button").all_text_contents()}
+
+    seen = await in_browser(scenario)
+    served.release.set()
+    assert "cancel" in seen["error"].lower()
+    assert seen["actions"] == ["Resume", "Discard"]
+    record = (await zenow.client.get("/api/models/download/status", params={"url": url})).json()["download"]
+    assert record["status"] == "failed" and record["downloaded"] < len(data)
