@@ -9,7 +9,6 @@ SmolLM2 or a tiny generated model.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -19,7 +18,7 @@ import trio
 
 from tests.support.browser import browser, in_browser, screenshot, wait_until
 from tests.support.file_server import FileServer
-from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for, wait_status
+from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_status
 from zenow.routes.page import ASSET_MAX_AGE, CONTENT_SECURITY_POLICY, read_page_files
 
 ASSET = re.compile(r'(?:src|href)="(/assets/([0-9a-f]{16})/[^"]+)"')
@@ -240,7 +239,8 @@ async def test_chat_streams_names_the_session_keeps_history_and_syncs_two_window
                 first.locator("#rename-input").fill("Colours, again")
                 first.locator("#rename-input").press("Enter")
                 for window in (first, second):
-                    wait_until(window, "() => document.querySelector('#session-title').textContent === 'Colours, again'")
+                    wait_until(window, "() => document.querySelector('#session-title').textContent"
+                                       " === 'Colours, again'")
                     assert session_names(window) == ["Colours, again"]
 
                 # Delete asks for a second click, then the session is gone everywhere.
