@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from importlib.resources import files
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,7 +89,7 @@ async def test_an_asset_of_another_version_or_outside_the_page_is_not_found(clie
 
 def test_the_version_changes_with_any_file(tmp_path):
     web = tmp_path / "web"
-    shutil.copytree(read_page_files.__globals__["files"]("zenow").joinpath("web"), web)
+    shutil.copytree(Path(str(files("zenow").joinpath("web"))), web)
     before = read_page_files(web)
     (web / "js" / "dom.js").write_text((web / "js" / "dom.js").read_text() + "\n// changed\n")
     after = read_page_files(web)

@@ -78,9 +78,9 @@ export async function probe() {
     const response = await send("/api/health");
     const data = await response.json();
     return { reachable: true, keyAccepted: typeof data.version === "string" };
-  } catch (error) {
-    if (error instanceof Unreachable) return { reachable: false, keyAccepted: false };
-    throw error;
+  } catch {
+    // Nothing answered, or something that is not zenow did: either way, try again later.
+    return { reachable: false, keyAccepted: false };
   }
 }
 

@@ -25,6 +25,8 @@ class App {
       setApiKey("");
       this.start();
     });
+    // The key is needed to go on: Escape does not close the dialog.
+    $("key-dialog").addEventListener("cancel", (event) => event.preventDefault());
     $("key-form").addEventListener("submit", () => {
       setApiKey($("key-input").value.trim());
       $("key-input").value = "";
@@ -110,7 +112,8 @@ class App {
 
   showSession(id) {
     const hash = id === null ? "#chat" : `#chat/${id}`;
-    if (location.hash !== hash) history.replaceState(null, "", hash);
+    $("tab-chat").href = hash;  // back from Models to the same conversation
+    if (location.hash !== hash && !$("chat-view").hidden) history.replaceState(null, "", hash);
   }
 
   unreachable() {

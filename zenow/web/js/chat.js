@@ -24,6 +24,7 @@ export class ChatView {
     this.entries = [];  // {id, role, content, element, body}
     this.loading = null;  // events that arrived while the open session's messages load
     this.streaming = null;  // {controller, sessionId, reply}
+    this.awaitingReply = null;  // the reply this window streamed, until zenow says it stored it
     this.defaults = {};
     this.bind();
   }
@@ -92,6 +93,7 @@ export class ChatView {
     this.resetDelete();
     this.current = id;
     this.entries = [];
+    this.awaitingReply = null;
     $("messages").replaceChildren();
     this.renderSessions();
     this.loadOptions();
@@ -256,15 +258,18 @@ export class ChatView {
       const reply = this.addEntry({ id: null, role: "assistant", content: "" });
       reply.element.classList.add("streaming");
       this.streaming.reply = reply;
+      this.awaitingReply = reply;
       this.updateEmpty();
       const { stopped } = await streamChat(
         { session_id: id, messages: [{ role: "user", content: text }], ...options },
         { signal: controller.signal, onDelta: (delta) => this.appendDelta(reply, delta) },
       );
       if (stopped) reply.element.classList.add("stopped");
+      if (!reply.content && this.awaitingReply === reply) this.awaitingReply = null;  // nothing to store
     } catch (error) {
       const reply = this.streaming?.reply;
       if (reply) reply.element.classList.add("failed");
+      if (reply && !reply.content && this.awaitingReply === reply) this.awaitingReply = null;
       this.report(error, reply);
       if (!reply && prompt.value === "") prompt.value = text;  // nothing was sent: keep what was typed
     } finally {
@@ -387,14 +392,17 @@ export class ChatView {
   /** A message zenow stored in the open session: give ours its id, or append another's. */
   messageStored(message) {
     if (this.entries.some((entry) => entry.id === message.id)) return;
-    const mine = this.entries.find((entry) => entry.id === null && entry.role === message.role
-      && (message.role === "assistant" || entry.content === message.content));
+    const mine = message.role === "assistant"
+      ? this.entries.find((entry) => entry.id === null && entry === this.awaitingReply)
+      : this.entries.find((entry) => entry.id === null && entry.role === message.role
+        && entry.content === message.content);
     if (!mine) {
       this.addEntry(message);
       this.updateEmpty();
       return;
     }
     mine.id = message.id;
+    if (mine === this.awaitingReply) this.awaitingReply = null;
     mine.element.dataset.messageId = String(message.id);
     if (mine.content !== message.content) {
       mine.content = message.content;
