@@ -188,6 +188,34 @@ async def test_progress_is_paced_to_four_a_second_and_the_final_state_always_goe
     assert [e.downloaded for e in seen if isinstance(e, DownloadProgress) and e.url.endswith("b.gguf")] == [0]
 
 
+async def test_the_newest_held_back_progress_goes_once_its_interval_has_passed(autojump_clock):
+    # A download that stalls right after a burst: the last progress of the burst was held back
+    # by the pacing; it must still reach subscribers, once, and after a newer one nothing is resent.
+    hub = EventHub(progress_interval=0.2, clock=trio.current_time)
+    subscription = hub.subscribe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.release_held_progress)
+        hub.publish(progress("http://x/a.gguf", 0))
+        hub.publish(progress("http://x/a.gguf", 10))
+        hub.publish(progress("http://x/a.gguf", 20))  # held back: the stall's last figure
+        assert [e.downloaded for e in drain(subscription)] == [0]
+        await trio.sleep(0.1)
+        assert drain(subscription) == []
+        await trio.sleep(0.15)
+        assert [e.downloaded for e in drain(subscription)] == [20]
+        hub.publish(progress("http://x/a.gguf", 30))  # held, then overtaken by the final state
+        hub.publish(progress("http://x/a.gguf", 40, status="completed"))
+        await trio.sleep(0.5)
+        assert [(e.downloaded, e.status) for e in drain(subscription)] == [(40, "completed")]
+        nursery.cancel_scope.cancel()
+
+
+def drain(subscription):
+    events = list(subscription._queue)
+    subscription._queue.clear()
+    return events
+
+
 async def test_closing_the_hub_ends_subscriptions_after_what_they_had_queued():
     hub = EventHub()
     subscription = hub.subscribe()
