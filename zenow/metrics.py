@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # No `*_created` series: they double the output and say only when zenow started.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 SERVER_STATES = ("not_started", "starting", "running", "error", "stopped")

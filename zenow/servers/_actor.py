@@ -45,11 +45,12 @@ from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
-from ._gguf import GGUFInfo, read_gguf_info
+from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
 from ._keys import child_auth, forget_key, new_key
 from ._params import (
     SERVER_KEYS,
     Bounds,
+    context_warning,
     defaults_for,
     effective_context,
     restore_stored,
@@ -86,6 +87,9 @@ class ServerStatus:
     #: The context (tokens) the running child was started with: `context_size`, or less when
     #: the model was trained for less (see `_params`); not part of the spec's shape.
     context_size: int | None = None
+    #: Why it is `stopped`: "idle" (after `keep_alive` seconds without a request; the next one
+    #: starts it again) or "shutdown"; None otherwise.
+    reason: str | None = None
 
     @property
     def is_running(self) -> bool:
@@ -100,6 +104,8 @@ class ServerBoard:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: What the header of the model the mode runs (or last tried to run) says.
     model_info: GGUFInfo | None = None
+    #: Whether `context_size` may exceed what that model was trained for (`allow_context_overflow`).
+    context_overflow: bool = False
     #: Where each status is announced (set by the server actor), and the mode it is of.
     events: EventHub | None = None
     mode: str = ""
@@ -197,7 +203,8 @@ class ServerActor(Actor):
         # The child's own task terminates and reaps it when the nursery is cancelled.
         await self._http.aclose()
         if self.board.status.status in ("starting", "running"):
-            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None))
+            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None,
+                                       reason="shutdown"))
 
     async def _restore_parameters(self) -> None:
         """The stored parameters, each checked as an update would be; a bad one is logged and
@@ -212,15 +219,27 @@ class ServerActor(Actor):
         for problem in problems:
             log.warning("%s parameters: %s", self.mode, problem)
         self._params, self._context_overflow = params, overflow
-        self.board.parameters = dict(params)
+        self.board.parameters, self.board.context_overflow = dict(params), overflow
 
     async def _register_folder(self) -> None:
+        """Register the GGUF files in this mode's folder, each with what its header says; a file
+        whose header does not read is refused (logged), one already registered unchanged is not read."""
         folder = self.settings.mode_dir(self.mode)
         files = await trio.to_thread.run_sync(
             lambda: sorted((p, p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file())
         )
+        known = {m.path: m for m in await self.store.list_models(self.mode)}
         for path, size in files:
-            await self.store.register_model(self.mode, path.stem, str(path), None, size)
+            same = known.get(str(path))
+            if same is not None and same.details is not None and same.size == size:
+                details = same.details
+            else:
+                try:
+                    details = model_details(await trio.to_thread.run_sync(read_gguf_info, path))
+                except InvalidModelFile as exc:
+                    log.warning("%s: not registering %s: %s", self.mode, path.name, exc)
+                    continue
+            await self.store.register_model(self.mode, path.stem, str(path), None, size, details)
 
     async def _register_default(self, path: Path) -> ModelInfo | None:
         try:
@@ -228,8 +247,12 @@ class ServerActor(Actor):
         except ZenowError as exc:
             log.error("--default-llm: %s", exc)
             return None
+        if problem := mode_problem(info, "llm"):
+            log.error("--default-llm: %s cannot chat: %s", path, problem)
+            return None
         resolved = await trio.to_thread.run_sync(path.resolve)
-        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size)
+        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size,
+                                                model_details(info))
         await self.store.set_current_model("llm", model.id)
         log.info("registered %s as the default llm model", path)
         return model
@@ -272,7 +295,7 @@ class ServerActor(Actor):
             await self._check_memory(model, n_ctx, param="context_size")
         await self.store.set_parameters(self.mode, update.stored)
         self._params, self._context_overflow = update.parameters, update.context_overflow
-        self.board.parameters = dict(update.parameters)
+        self.board.parameters, self.board.context_overflow = dict(update.parameters), update.context_overflow
         self.store.events.publish(ParametersChanged(mode=self.mode, parameters=dict(update.parameters),
                                                     requires_restart=requires_restart))
         if restart and model is not None:
@@ -633,6 +656,14 @@ class ServerHandle:
         """What the GGUF header of the model this mode runs (or last tried to run) says; None before any."""
         return self._board.model_info
 
+    def context_warning(self) -> str | None:
+        """What to tell a client when `context_size` is more than the mode's model was trained for."""
+        info, status = self._board.model_info, self._board.status
+        if info is None or status.model_name is None:
+            return None
+        return context_warning(status.model_name, int(self._board.parameters["context_size"]),
+                               info.context_length, self._board.context_overflow)
+
     async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
         """Make `model_name` the running model of this mode, downloading it first if needed.
 
@@ -664,6 +695,8 @@ class ServerHandle:
             if model is None:
                 raise ServerStartFailed(f"Model {model_name!r} was downloaded but is not registered")
         info = await trio.to_thread.run_sync(read_gguf_info, Path(model.path))
+        if problem := mode_problem(info, self.mode):
+            raise InvalidModelFile(f"{model_name} cannot be loaded as {self.mode}: {problem}", param="model_name")
         return await self._ref.call(ServerActor.load, model, info)
 
     async def update_parameters(self, changes: dict[str, Any]) -> bool:

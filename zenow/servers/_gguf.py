@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InvalidModelFile
+from ..settings import MODES
 from ..store import ModelDetails
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "mode_problem",
     "model_details",
     "read_gguf_info",
+    "serves",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -449,7 +451,6 @@ def _type_name(vtype: int) -> str:
     return _TYPE_NAMES[vtype] if 0 <= vtype < len(_TYPE_NAMES) else f"type {vtype}"
 
 
-
 # ---------------------------------------------------------------- what the header says a model is
 
 
@@ -458,25 +459,34 @@ def mode_problem(info: GGUFInfo, mode: str) -> str | None:
 
     `llm` needs a model that generates text: not an encoder-only architecture, nor one whose
     header says its attention is not causal.  `rerank` needs a classifier head to turn a
-    query and a document into a score.  Every model can embed.
+    query and a document into a score.  Every model can embed.  The answer names the modes
+    the model can serve instead.
     """
+    why = _why_not(info, mode)
+    if why is None:
+        return None
+    others = [m for m in MODES if m != mode and _why_not(info, m) is None]
+    return f"{why}; load it as {' or '.join(others)}" if others else why
+
+
+def serves(info: GGUFInfo) -> tuple[str, ...]:
+    """The modes the model `info` describes can serve, by its header."""
+    return tuple(m for m in MODES if _why_not(info, m) is None)
+
+
+def _why_not(info: GGUFInfo, mode: str) -> str | None:
     arch = info.architecture or "unknown"
     if mode == "llm":
-        if info.architecture in ENCODER_ARCHITECTURES or info.causal is False:
-            why = (f"its architecture is {arch}, an encoder-only model" if info.architecture in ENCODER_ARCHITECTURES
-                   else f"{arch}.attention.causal is false (it attends both ways, as an encoder)")
-            return f"{why}: it can embed text but not generate it; load it as {_other_modes(info, mode)}"
-        return None
+        if info.architecture in ENCODER_ARCHITECTURES:
+            return f"its architecture is {arch}, an encoder-only model: it can embed text but not generate it"
+        if info.causal is False:
+            return (f"its header sets {arch}.attention.causal to false (it attends both ways, as an encoder): "
+                    "it can embed text but not generate it")
     if mode == "rerank" and not info.has_classifier_head:
-        pooling = info.pooling
-        pooled = f"its pooling type is {pooling}" if pooling else f"it sets no {arch}.pooling_type"
-        return (f"its header has no classifier head (no cls.weight or cls.output.weight tensor; {pooled}), "
-                f"so it cannot score documents; load it as {_other_modes(info, mode)}")
+        pooling = f"its pooling type is {info.pooling}" if info.pooling else f"it sets no {arch}.pooling_type"
+        return (f"its header has no classifier head (no cls.weight or cls.output.weight tensor; {pooling}), "
+                "so it cannot score documents")
     return None
-
-
-def _other_modes(info: GGUFInfo, refused: str) -> str:
-    return " or ".join(m for m in ("llm", "embed", "rerank") if m != refused and mode_problem(info, m) is None)
 
 
 def model_details(info: GGUFInfo) -> ModelDetails:
@@ -485,7 +495,6 @@ def model_details(info: GGUFInfo) -> ModelDetails:
         architecture=info.architecture, name=info.name, parameter_count=info.parameter_count,
         file_type=info.file_type, quantization=info.quantization, context_length=info.context_length,
         embedding_length=info.embedding_length, block_count=info.block_count,
-        has_chat_template=info.has_chat_template, pooling=info.pooling,
-        modes=tuple(m for m in ("llm", "embed", "rerank") if mode_problem(info, m) is None),
-        gguf_version=info.version,
+        has_chat_template=info.has_chat_template, pooling=info.pooling, modes=serves(info),
+        gguf_version=info.version, file_size=info.file_size,
     )

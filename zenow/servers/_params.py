@@ -35,6 +35,7 @@ __all__ = [
     "SYSTEM_PROMPT_MAX",
     "Bounds",
     "ParameterUpdate",
+    "context_warning",
     "defaults_for",
     "effective_context",
     "restore_stored",
@@ -205,6 +206,20 @@ def effective_context(context_size: int, trained_context: int | None, context_ov
     if trained_context is None or context_overflow:
         return context_size
     return min(context_size, trained_context)
+
+
+def context_warning(model_name: str, context_size: int, trained_context: int | None,
+                    context_overflow: bool) -> str | None:
+    """What a load or parameter answer says when `context_size` is more than the model was trained
+    for; None when it is not (or the model does not say)."""
+    if trained_context is None or context_size <= trained_context:
+        return None
+    if context_overflow:
+        return (f"context_size {context_size} is more than the {trained_context} tokens {model_name} was trained "
+                f"for ({CONTEXT_OVERFLOW_KEY}): it runs with {context_size}, and answers past {trained_context} "
+                "tokens may lose coherence")
+    return (f"{model_name} was trained for {trained_context} tokens: it runs with a context of {trained_context}, "
+            f"not the context_size {context_size} (set {CONTEXT_OVERFLOW_KEY} with context_size to go beyond)")
 
 
 def _bound_problems(merged: dict[str, Any], changes: dict[str, Any], bounds: Bounds, overflow: bool) -> list[str]:

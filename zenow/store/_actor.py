@@ -13,7 +13,7 @@ import trio
 
 from .. import metrics
 from ..actor import Actor, ActorRef
-from ..errors import InvalidModelFile, InvalidRequest, StorageFull, StoreError, StoreReadOnly
+from ..errors import InvalidRequest, StorageFull, StoreError, StoreReadOnly
 from ..events import (
     EventHub,
     MessageAdded,
@@ -87,15 +87,6 @@ class StoreActor(Actor):
         except Exception:  # a bug in an event must not crash the store: zenow stops without it
             log.exception("announcing a change failed")
         return result
-
-
-async def _read_details(path: Path) -> tuple[ModelDetails, int]:
-    """What the GGUF header of the file at `path` says, and the file's size.  Raises `InvalidModelFile`."""
-    # Imported here: the servers package imports the store (its actors own models and their files).
-    from ..servers import model_details, read_gguf_info
-
-    info = await trio.to_thread.run_sync(read_gguf_info, path)
-    return model_details(info), info.file_size
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -178,30 +169,13 @@ class Store:
     # models
     async def register_model(
         self, mode: str, name: str, path: str, source_url: str | None = None, size: int | None = None,
-        details: ModelDetails | None = None, *, require_valid_header: bool = False,
+        details: ModelDetails | None = None,
     ) -> ModelInfo:
         """Add a model to the registry, or update the one of that name in that mode.
 
-        Its GGUF header is read first (in a worker thread, not in the store actor) for its
-        `details`, unless they are given or the stored ones are of the same file and size;
-        `size` defaults to the file's.  A file whose header does not read (missing, not
-        GGUF, truncated, broken) raises `InvalidModelFile` saying what is wrong, and nothing
-        is registered, when `require_valid_header`; otherwise it is registered without
-        details (logged), and loading it says what is wrong.
+        `details` is what its GGUF header says (read by the caller, which refuses a file
+        whose header does not read); None keeps what was stored.
         """
-        if details is None:
-            known = await self.find_model(mode, name)
-            if known is not None and known.details is not None and known.path == path and size is not None \
-                    and known.size == size:
-                details = known.details
-            else:
-                try:
-                    details, file_size = await _read_details(Path(path))
-                    size = file_size if size is None else size
-                except InvalidModelFile as exc:
-                    if require_valid_header:
-                        raise
-                    log.warning("%s model %s registered without details: %s", mode, name, exc)
         return await self._write(q.register_model, lambda m: self._events.publish(ModelRegistered(model=m)),
                                  mode, name, path, source_url, size, details)
 

@@ -57,6 +57,8 @@ class ModelDetails:
     #: The modes the header says it can serve, of llm, embed and rerank.
     modes: tuple[str, ...]
     gguf_version: int
+    #: Bytes on disk when the header was read.
+    file_size: int
 
     @property
     def parameter_size(self) -> str:
