@@ -69,8 +69,8 @@ from .. import __version__
 from ..actor import Actor, ActorRef
 from ..errors import DownloadFailed, DownloadNotFound, InvalidModelFile, InvalidRequest, ZenowError
 from ..events import DownloadProgress
-from ..settings import Settings, is_mode
 from ..servers import model_details, read_gguf_info
+from ..settings import Settings, is_mode
 from ..store import DownloadRecord, ModelDetails, Store
 from . import _files as files
 from ._headers import content_length, parse_content_range
@@ -888,7 +888,8 @@ class Downloads:
         """Like `start`, then wait for the download to end; return its `completed` record.
 
         Raises what `start` raises, and, with the reason when it ends in `failed`,
-        `InvalidModelFile` (the file is no GGUF model llama-server can load) or `DownloadFailed`.  Cancelling the caller stops the waiting, not the download.
+        `InvalidModelFile` (the file is no GGUF model llama-server can load) or `DownloadFailed`.
+        Cancelling the caller stops the waiting, not the download.
         """
         target = DownloadTarget.check(url, filename, mode, sha256)
         begun = await self._begin(target)
