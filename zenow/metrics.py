@@ -1,10 +1,11 @@
 """Zenow's Prometheus metrics: the one registry, the few calls actors make, and the scrape.
 
-Actors and routes record what happens with plain function calls (`server_state`,
-`first_token`, ...): each is a few dictionary lookups and an addition, never blocks and
-never raises, so recording costs a request nothing.  `GET /metrics` answers `scrape`:
-zenow's own figures, then every running llama-server's own (`llama-server --metrics`),
-fetched at that moment and relabelled with `mode`.
+Actors and routes record what happens with plain function calls (`server_crashed`,
+`first_delta`, ...): each is a few dictionary lookups and an addition, never blocks and
+never raises, so recording costs a request nothing.  What is a state rather than an event
+(each mode's server state, the chats open) is read from the handles when scraped.
+`GET /metrics` answers `scrape`: zenow's own figures, then every running llama-server's
+own (`llama-server --metrics`), fetched at that moment and relabelled with `mode`.
 
 Metrics (Prometheus text format 0.0.4; counters end in `_total`):
 
@@ -60,10 +61,9 @@ from .settings import MODES
 __all__ = [
     "CONTENT_TYPE",
     "REGISTRY",
-    "chat_stream_closed",
-    "chat_stream_opened",
+    "ServerMetricsSource",
     "count_download_bytes",
-    "first_token",
+    "first_delta",
     "relabelled",
     "render",
     "request_answered",
@@ -73,7 +73,6 @@ __all__ = [
     "server_restarting",
     "server_started",
     "server_starting",
-    "server_state",
     "store_query",
     "tokens_generated",
 ]
@@ -126,7 +125,6 @@ _STORE_SECONDS = Histogram(
 for _mode in MODES:  # every mode's series exists from the start, so rate() sees its first increase
     for _metric in (_SERVER_STARTS, _SERVER_CRASHES, _SERVER_RESTARTS, _SERVER_IDLE_STOPS, _DOWNLOAD_BYTES):
         _metric.labels(_mode)
-    _SERVER_STATE.labels(_mode).state("not_started")
 
 
 # ---------------------------------------------------------------- what actors and routes record
@@ -139,28 +137,16 @@ def request_answered(method: str, route: str, status: int, seconds: float | None
         _HTTP_SECONDS.labels(method, route).observe(seconds)
 
 
-def chat_stream_opened() -> None:
-    _CHAT_STREAMS.inc()
-
-
-def chat_stream_closed() -> None:
-    _CHAT_STREAMS.dec()
-
-
-def first_token(seconds: float) -> None:
-    """A chat's first token arrived `seconds` after its request."""
-    _TTFT.observe(seconds)
+def first_delta(received: list[bytes], since: float) -> None:
+    """A chat's reply receives a delta, after `received` ones, for a request that arrived at
+    `since` (trio's clock): the first one is its time to first token."""
+    if not received:
+        _TTFT.observe(trio.current_time() - since)
 
 
 def tokens_generated(count: int) -> None:
     if count > 0:
         _CHAT_TOKENS.inc(count)
-
-
-def server_state(mode: str, state: str) -> None:
-    """`mode`'s server is now in `state` (one of `SERVER_STATES`)."""
-    if state in SERVER_STATES:
-        _SERVER_STATE.labels(mode).state(state)
 
 
 def server_starting(mode: str) -> None:
@@ -219,8 +205,15 @@ async def count_download_bytes(events: EventHub) -> None:
 ServerMetricsSource = Callable[[], Awaitable[str | None]]
 
 
-async def scrape(sources: Mapping[str, ServerMetricsSource]) -> bytes:
-    """zenow's metrics and every mode's llama-server figures (fetched at once), as Prometheus text."""
+async def scrape(sources: Mapping[str, ServerMetricsSource], states: Mapping[str, str], chats_open: int) -> bytes:
+    """zenow's metrics and every mode's llama-server figures (fetched at once), as Prometheus text.
+
+    `states` is each mode's server state now, `chats_open` the chats being answered now.
+    """
+    for mode, state in states.items():
+        if state in SERVER_STATES:
+            _SERVER_STATE.labels(mode).state(state)
+    _CHAT_STREAMS.set(chats_open)
     texts: dict[str, str | None] = {}
 
     async def fetch(mode: str, source: ServerMetricsSource) -> None:
@@ -254,7 +247,8 @@ def render(server_texts: Mapping[str, str | None]) -> bytes:
             same = merged.setdefault(family.name, family)
             if same is not family and same.type == family.type:
                 same.samples.extend(family.samples)
-    return generate_latest(_Scrape([up, *merged.values()]))
+    answer: bytes = generate_latest(_Scrape([up, *merged.values()]))
+    return answer
 
 
 def relabelled(text: str, mode: str) -> list[Metric]:

@@ -29,6 +29,7 @@ __all__ = [
     "CONTEXT_MAX",
     "CONTEXT_OVERFLOW_KEY",
     "CONTEXT_UNKNOWN_MODEL_MAX",
+    "KEEP_ALIVE_MAX",
     "MAX_TOKENS_MAX",
     "PARALLEL_MAX",
     "SERVER_KEYS",
@@ -55,6 +56,8 @@ CONTEXT_MAX = 1_048_576
 #: ...nor beyond this while no model (or one that does not say its trained context) is loaded.
 CONTEXT_UNKNOWN_MODEL_MAX = 131_072
 MAX_TOKENS_MAX = 1_048_576
+#: `keep_alive` at most (seconds): 30 days; -1 is forever.
+KEEP_ALIVE_MAX = 30 * 24 * 3600
 #: Parallel slots of the llm server at most.
 PARALLEL_MAX = 64
 SYSTEM_PROMPT_MAX = 100_000
@@ -72,6 +75,9 @@ class _Server(BaseModel):
     #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
     rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
         default_factory=list, max_length=16)
+    #: Seconds without a request before the server is stopped (status `stopped`, reason `idle`;
+    #: the next request starts it again); -1 never.  Not a server flag: a change restarts nothing.
+    keep_alive: int = Field(-1, ge=-1, le=KEEP_ALIVE_MAX)
 
 
 class LlmParameters(_Server):
