@@ -95,6 +95,8 @@ CANCELLED = "cancelled"
 INTERRUPTED = "interrupted: zenow stopped"
 #: How the `error` of a download whose file is no model llama-server can load begins.
 NOT_A_MODEL = "not a valid GGUF model file"
+#: ... or of one whose server sent something else than a GGUF file.
+NOT_GGUF = ("not a GGUF file", "the server's response is not a GGUF file")
 
 #: Seconds a final record may take to reach the store when the transfer ends.
 _STORE_WRITE_TIMEOUT = 5.0
@@ -895,7 +897,7 @@ class Downloads:
         begun = await self._begin(target)
         record = begun.record if begun.outcome is None else await begun.outcome.wait()
         if record.status != "completed":
-            refused = InvalidModelFile if (record.error or "").startswith(NOT_A_MODEL) else DownloadFailed
+            refused = InvalidModelFile if (record.error or "").startswith((NOT_A_MODEL, *NOT_GGUF)) else DownloadFailed
             raise refused(f"Download of {target.shown_url} failed: {record.error}")
         return record
 
