@@ -55,14 +55,13 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from .events import DownloadProgress, EventHub
 from .settings import MODES
 
 __all__ = [
     "CONTENT_TYPE",
     "REGISTRY",
     "ServerMetricsSource",
-    "count_download_bytes",
+    "download_bytes",
     "first_delta",
     "relabelled",
     "render",
@@ -175,28 +174,9 @@ def store_query(query: str, seconds: float) -> None:
     _STORE_SECONDS.labels(query).observe(seconds)
 
 
-async def count_download_bytes(events: EventHub) -> None:
-    """Add what every download receives to `zenow_download_bytes_total`, from the download
-    events (each carries the bytes received so far), until the hub closes.
-
-    A download's first event sets where it starts (a resumed one had received its `.part`
-    before); a download that starts over counts from 0 again.  Falling behind the hub only
-    subscribes again: the next event of each download catches up.
-    """
-    received: dict[str, int] = {}
-    while True:
-        with events.subscribe(frozenset({DownloadProgress.type})) as subscription:
-            async for event in subscription:
-                if isinstance(event, DownloadProgress):
-                    before = received.get(event.url, event.downloaded)
-                    if event.downloaded > before:
-                        _DOWNLOAD_BYTES.labels(event.mode).inc(event.downloaded - before)
-                    if event.final:
-                        received.pop(event.url, None)
-                    else:
-                        received[event.url] = event.downloaded
-            if not subscription.overflowed:
-                return  # the hub closed: zenow is stopping
+def download_bytes(mode: str, count: int) -> None:
+    """A download for `mode` received `count` bytes."""
+    _DOWNLOAD_BYTES.labels(mode).inc(count)
 
 
 # ---------------------------------------------------------------- the scrape

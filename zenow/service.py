@@ -16,7 +16,6 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
-from . import metrics
 from .actor import ActorHealth, Supervisor
 from .app import create_app, is_loopback
 from .chat import ChatStreamer, ChatStreamerActor
@@ -180,7 +179,6 @@ async def _run(
                 servers[mode] = ServerHandle(mode, ref, board, upstream, store, downloads)
             tokens = TokenCounter(servers["llm"].tokenize_count)
             events.set_snapshot_provider(partial(current_state, servers, downloads))
-            model_tier.start_soon(metrics.count_download_bytes, events)
             openai = OpenAIGateway(await supervisor.start("v1 upstream actor", UpstreamActor), store, servers)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(

@@ -65,7 +65,7 @@ from typing import Literal
 import httpx
 import trio
 
-from .. import __version__
+from .. import __version__, metrics
 from ..actor import Actor, ActorRef
 from ..errors import DownloadFailed, DownloadNotFound, InvalidModelFile, InvalidRequest, ZenowError
 from ..events import DownloadProgress
@@ -676,6 +676,7 @@ class DownloadActor(Actor):
                     buffer += chunk
                     received += len(chunk)
                     download.downloaded += len(chunk)
+                    metrics.download_bytes(download.target.mode, len(chunk))
                     self._announce(download.record())
                     if not magic_checked and len(buffer) >= len(files.GGUF_MAGIC):
                         if not buffer.startswith(files.GGUF_MAGIC):

@@ -112,7 +112,7 @@ class Model(BaseModel):
 
 
 class ModelInfoQuery(BaseModel):
-    model_name: str
+    model_name: str = Field(min_length=1)
     mode: Literal["llm", "embed", "rerank"] = "llm"
 
 

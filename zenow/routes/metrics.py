@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from quart import Blueprint, Response, g, request
+from quart_schema import hide
 
 from .. import metrics
 from ._context import services
@@ -31,6 +32,7 @@ async def count_answer(response: Response) -> Response:
 
 
 @bp.get("/metrics")
+@hide  # Prometheus text, not JSON: scrapers know the format, /openapi.json documents the JSON API
 async def scrape() -> Response:
     """zenow's figures, then each running llama-server's own (fetched now, labelled with `mode`)."""
     zenow = services()
