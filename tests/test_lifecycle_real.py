@@ -147,7 +147,7 @@ async def test_an_idle_llm_server_stops_and_the_next_chat_starts_it_again(nurser
         assert first_token >= restart
 
 
-async def test_a_stream_longer_than_keep_alive_is_not_cut_and_v1_wakes_the_server(
+async def test_a_stream_longer_than_keep_alive_is_not_cut_and_concurrent_v1_requests_wake_the_server(
         nursery, tmp_path, llama_server, smollm2):
     home = tmp_path / "home"
     place_smollm2(home, smollm2)
@@ -169,11 +169,19 @@ async def test_a_stream_longer_than_keep_alive_is_not_cut_and_v1_wakes_the_serve
 
         stopped = await wait_status(client, "stopped", timeout=30)
         assert stopped["reason"] == "idle"
-        answer = await client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "temperature": 0})
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["choices"][0]["message"]["content"]
-        assert (await status(client))["status"] == "running"
+        answers = []
+
+        async def ask() -> None:
+            answers.append(await client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "temperature": 0}))
+
+        async with trio.open_nursery() as both:  # two requests at once: both wait for the one restart
+            both.start_soon(ask)
+            both.start_soon(ask)
+        for answer in answers:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"]
+        assert (await status(client))["status"] == "running" and len(llama_children(os.getpid(), "llm")) == 1
 
 
 async def test_metrics_show_a_chat_and_the_llama_server_figures(nursery, tmp_path, llama_server, smollm2):

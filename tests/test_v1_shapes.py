@@ -238,8 +238,8 @@ class FakeServer:
     loads: list[str] = field(default_factory=list)
     activity: Activity = field(default_factory=Activity)
 
-    async def wake(self) -> ServerStatus:
-        return self.status()
+    def asleep(self) -> bool:
+        return False
 
     def status(self) -> ServerStatus:
         if self.running is None:
@@ -356,6 +356,9 @@ async def test_the_gate_wakes_a_model_stopped_for_idleness_and_counts_its_leases
             if self.stopped:
                 return ServerStatus("stopped", "a", "/m/a.gguf", reason="idle")
             return super().status()
+
+        def asleep(self) -> bool:
+            return self.stopped
 
         async def wake(self) -> ServerStatus:
             self.wakes += 1

@@ -684,6 +684,8 @@ class ServerHandle:
         self._http = http
         self._store = store
         self._downloads = downloads
+        #: Set while a request starts the model again after an idle stop; the others wait for it.
+        self._waking: trio.Event | None = None
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
@@ -702,13 +704,29 @@ class ServerHandle:
         """What uses this mode's server (the gate counts its leases here)."""
         return self._board.activity
 
-    async def wake(self) -> ServerStatus:
-        """The status, after starting the mode's model again if it was stopped for idleness (and
-        waiting until it runs).  Raises `ServerStartFailed`."""
+    def asleep(self) -> bool:
+        """Whether the mode's model was stopped for idleness, or is being started again after that."""
         status = self._board.status
-        if status.status == "stopped" and status.reason == IDLE:
-            self._board.activity.touch()
-            return await self._ref.call(ServerActor.wake)
+        return self._waking is not None or (status.status == "stopped" and status.reason == IDLE)
+
+    async def wake(self) -> ServerStatus:
+        """The status, after starting the mode's model again if it was stopped for idleness, or
+        waiting for the start another request began (so concurrent requests all wait for one
+        start).  Raises `ServerStartFailed`."""
+        if self._waking is not None:
+            await self._waking.wait()
+            return self._board.status
+        if not self.asleep():
+            return self._board.status
+        self._board.activity.touch()
+        waking = self._waking = trio.Event()
+        try:
+            status = await self._ref.call(ServerActor.wake)
+        finally:
+            self._waking = None
+            waking.set()
+        if status.status == "stopped":
+            raise ServerStartFailed(f"The {self.mode} model {status.model_name!r} did not start again")
         return status
 
     def context_warning(self) -> str | None:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import ModelBusy, ModelLoadFailed, ModelNotLoaded, ServerStartFailed
-from ._idle import IDLE
 
 if TYPE_CHECKING:
     from ._actor import ServerHandle, ServerStatus
@@ -77,11 +76,8 @@ class ModelGate:
                 await self._switch_done.wait()
                 continue
             status = self._server.status()
-            if status.reason == IDLE and wanted in (None, status.model_name):
-                woken = await self._server.wake()
-                if woken.endpoint is None:
-                    raise ModelLoadFailed(f"The {self._server.mode} model {status.model_name!r}, stopped while "
-                                          f"idle, did not start again: {woken.error_message or woken.status}")
+            if wanted in (None, status.model_name) and self._server.asleep():
+                await self._server.wake()  # stopped for idleness: start it again (or wait for that), look again
                 continue
             if wanted is None:
                 if status.endpoint is None:
