@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 import zenow.events
 import zenow.routes.events
 import zenow.service
-from tests.support.file_server import FileServer
+from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer
 from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
 from zenow.errors import InvalidRequest
 from zenow.events import (
@@ -457,7 +457,7 @@ async def test_shutdown_ends_every_stream_at_once(hubs, nursery, tmp_path):
 async def test_a_completed_download_announces_its_model(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    data = b"GGUF" + bytes(200 * 1024)
+    data = EMPTY_GGUF_HEADER + bytes(200 * 1024)
     files.add("/m/Tiny-Q4_0.gguf", data)
     async with subscribed(zenow.client, types="model") as (events, _):
         response = await zenow.client.post("/api/models/download", json={"url": files.url("/m/Tiny-Q4_0.gguf"),
@@ -474,7 +474,7 @@ async def test_a_completed_download_announces_its_model(zenow, nursery):
 async def test_download_progress_comes_in_order_and_ends_in_completed(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    data = b"GGUF" + bytes(2 * 1024 * 1024)
+    data = EMPTY_GGUF_HEADER + bytes(2 * 1024 * 1024)
     files.add("/slow.gguf", data, trickle=0.02, chunk_size=32 * 1024)  # about 1.3 s
     url = files.url("/slow.gguf")
     async with subscribed(zenow.client, types="download") as (events, _):
@@ -495,7 +495,7 @@ async def test_download_progress_comes_in_order_and_ends_in_completed(zenow, nur
 async def test_a_running_download_is_in_the_snapshot(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    served = files.add("/held.gguf", b"GGUF" + bytes(300 * 1024), holds=[100 * 1024])
+    served = files.add("/held.gguf", EMPTY_GGUF_HEADER + bytes(300 * 1024), holds=[100 * 1024])
     url = files.url("/held.gguf")
     await zenow.client.post("/api/models/download", json={"url": url, "mode": "rerank"})
     try:

@@ -131,6 +131,8 @@ class _ServerStatusLike(Protocol):
     def model_path(self) -> str | None: ...
     @property
     def error_message(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,17 +145,20 @@ class ServerStatusEvent(Event):
     model_name: str | None = None
     model_path: str | None = None
     error_message: str | None = None
+    #: Why it is `stopped` ("idle", "shutdown"), else None.
+    reason: str | None = None
 
     @classmethod
     def of(cls, mode: str, status: _ServerStatusLike) -> ServerStatusEvent:
         """The event for `status` (a `zenow.servers.ServerStatus`) of `mode`."""
         return cls(mode=mode, status=status.status, model_name=status.model_name,
-                   model_path=status.model_path, error_message=status.error_message)
+                   model_path=status.model_path, error_message=status.error_message, reason=status.reason)
 
     def state(self) -> dict[str, Any]:
         """The status as `GET /api/server/status` shows it."""
-        return {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
-                "is_running": self.status == "running", "error_message": self.error_message}
+        shown = {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
+                 "is_running": self.status == "running", "error_message": self.error_message}
+        return shown if self.reason is None else {**shown, "reason": self.reason}
 
     def payload(self) -> dict[str, Any]:
         return {"mode": self.mode, **self.state()}

@@ -29,13 +29,14 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import outcome
 import trio
 
+from .. import metrics
 from ..actor import Actor, ActorRef
 from ..errors import (
     ActorCrashed,
@@ -77,6 +78,8 @@ class ChatRequest:
     temperature: float | None = None
     repeat_penalty: float | None = None
     max_tokens: int | None = None
+    #: When the request arrived (trio's clock): its time to first token is counted from here.
+    received_at: float = field(default_factory=trio.current_time)
 
 
 @dataclass
@@ -177,7 +180,7 @@ class ChatStreamerActor(Actor):
     async def _prepare(self, request: ChatRequest) -> _Prepared:
         """Check the session, the server and the context window; count what must be counted now."""
         session = await self.store.get_session(request.session_id)
-        status = self.llm.status()
+        status = await self.llm.wake()  # an llm server stopped for idleness starts again; the chat waits
         endpoint = status.endpoint
         if endpoint is None:
             raise ServerNotRunning(NOT_RUNNING)
@@ -382,6 +385,7 @@ class ChatStreamerActor(Actor):
                 async for data in response.aiter_bytes():
                     frames, literal = reader.feed(data)
                     if frames:
+                        metrics.first_delta(parts, prepared.request.received_at)
                         parts.append(literal)
                         await send.send(Delta(frames, literal))
                     if reader.done:
@@ -403,6 +407,7 @@ class ChatStreamerActor(Actor):
         tokens = usage.get("completion_tokens")
         if not isinstance(tokens, int) or tokens < 0:
             tokens = reader.deltas
+        metrics.tokens_generated(tokens)
         try:
             await self.store.add_message(session_id, "assistant", content, tokens)
         except Exception:  # never lose the stream over the save; say so loudly
@@ -452,6 +457,11 @@ class ChatStreamer:
 
     def _ended(self) -> None:
         self._open -= 1
+
+    @property
+    def open_streams(self) -> int:
+        """Chats being answered now."""
+        return self._open
 
     async def open(self, request: ChatRequest) -> ChatStream:
         """Start a reply; the caller must read the stream to its end or `cancel()` it.

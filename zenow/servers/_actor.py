@@ -31,12 +31,14 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import trio
 
+from .. import metrics
 from ..actor import Actor, ActorRef
 from ..errors import InvalidModelFile, InvalidRequest, ModelNotFound, ServerStartFailed, ZenowError
 from ..events import EventHub, ParametersChanged, ServerStatusEvent
@@ -45,11 +47,13 @@ from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
-from ._gguf import GGUFInfo, read_gguf_info
+from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
+from ._idle import IDLE, Activity, idle_expired, watch_idle
 from ._keys import child_auth, forget_key, new_key
 from ._params import (
     SERVER_KEYS,
     Bounds,
+    context_warning,
     defaults_for,
     effective_context,
     restore_stored,
@@ -86,6 +90,9 @@ class ServerStatus:
     #: The context (tokens) the running child was started with: `context_size`, or less when
     #: the model was trained for less (see `_params`); not part of the spec's shape.
     context_size: int | None = None
+    #: Why it is `stopped`: "idle" (after `keep_alive` seconds without a request; the next one
+    #: starts it again) or "shutdown"; None otherwise.
+    reason: str | None = None
 
     @property
     def is_running(self) -> bool:
@@ -100,12 +107,20 @@ class ServerBoard:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: What the header of the model the mode runs (or last tried to run) says.
     model_info: GGUFInfo | None = None
+    #: Whether `context_size` may exceed what that model was trained for (`allow_context_overflow`).
+    context_overflow: bool = False
     #: Where each status is announced (set by the server actor), and the mode it is of.
     events: EventHub | None = None
     mode: str = ""
+    #: What uses the server (written by the requests through the gate; see `_idle`).
+    activity: Activity = field(default_factory=Activity)
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
+        if status.status == "running":
+            self.activity.touch()  # a start (a load, a wake, a restart) resets the idle timer
+        else:
+            self.activity.notify()
         if self.events is not None:
             self.events.publish(ServerStatusEvent.of(self.mode, status))
 
@@ -182,6 +197,9 @@ class ServerActor(Actor):
     # ------------------------------------------------------------ lifecycle
 
     async def setup(self) -> None:
+        self.nursery.start_soon(
+            watch_idle, self.board.activity, lambda: float(self._params.get("keep_alive", -1)),
+            lambda: self.board.status.status == "running", partial(self.self_ref.tell, ServerActor._stop_idle))
         await self._restore_parameters()
         await self._register_folder()
         current = await self.store.current_model(self.mode)
@@ -197,7 +215,8 @@ class ServerActor(Actor):
         # The child's own task terminates and reaps it when the nursery is cancelled.
         await self._http.aclose()
         if self.board.status.status in ("starting", "running"):
-            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None))
+            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None,
+                                       reason="shutdown"))
 
     async def _restore_parameters(self) -> None:
         """The stored parameters, each checked as an update would be; a bad one is logged and
@@ -212,15 +231,27 @@ class ServerActor(Actor):
         for problem in problems:
             log.warning("%s parameters: %s", self.mode, problem)
         self._params, self._context_overflow = params, overflow
-        self.board.parameters = dict(params)
+        self.board.parameters, self.board.context_overflow = dict(params), overflow
 
     async def _register_folder(self) -> None:
+        """Register the GGUF files in this mode's folder, each with what its header says; a file
+        whose header does not read is refused (logged), one already registered unchanged is not read."""
         folder = self.settings.mode_dir(self.mode)
         files = await trio.to_thread.run_sync(
             lambda: sorted((p, p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file())
         )
+        known = {m.path: m for m in await self.store.list_models(self.mode)}
         for path, size in files:
-            await self.store.register_model(self.mode, path.stem, str(path), None, size)
+            same = known.get(str(path))
+            if same is not None and same.details is not None and same.size == size:
+                details = same.details
+            else:
+                try:
+                    details = model_details(await trio.to_thread.run_sync(read_gguf_info, path))
+                except InvalidModelFile as exc:
+                    log.warning("%s: not registering %s: %s", self.mode, path.name, exc)
+                    continue
+            await self.store.register_model(self.mode, path.stem, str(path), None, size, details)
 
     async def _register_default(self, path: Path) -> ModelInfo | None:
         try:
@@ -228,8 +259,12 @@ class ServerActor(Actor):
         except ZenowError as exc:
             log.error("--default-llm: %s", exc)
             return None
+        if problem := mode_problem(info, "llm"):
+            log.error("--default-llm: %s cannot chat: %s", path, problem)
+            return None
         resolved = await trio.to_thread.run_sync(path.resolve)
-        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size)
+        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size,
+                                                model_details(info))
         await self.store.set_current_model("llm", model.id)
         log.info("registered %s as the default llm model", path)
         return model
@@ -272,7 +307,7 @@ class ServerActor(Actor):
             await self._check_memory(model, n_ctx, param="context_size")
         await self.store.set_parameters(self.mode, update.stored)
         self._params, self._context_overflow = update.parameters, update.context_overflow
-        self.board.parameters = dict(update.parameters)
+        self.board.parameters, self.board.context_overflow = dict(update.parameters), update.context_overflow
         self.store.events.publish(ParametersChanged(mode=self.mode, parameters=dict(update.parameters),
                                                     requires_restart=requires_restart))
         if restart and model is not None:
@@ -300,6 +335,7 @@ class ServerActor(Actor):
         if reason := child.reason():
             message += f": {reason}"
         log.error("%s: %s", self.mode, message)
+        metrics.server_crashed(self.mode)
         self._child = None
         self._fail(child.model.record, message)
         self._schedule_retry(child.model.record, child.running_since)
@@ -307,10 +343,33 @@ class ServerActor(Actor):
     async def _retry(self, generation: int, model: ModelInfo, info: GGUFInfo) -> None:
         if generation != self._generation:
             return  # a load or parameter change happened meanwhile
+        metrics.server_restarting(self.mode)
         try:
             await self._start(_Model(model, info))
         except ServerStartFailed:
             self._schedule_retry(model, None)
+
+    async def wake(self) -> ServerStatus:
+        """Start the mode's model again after an idle stop (see `_idle`); the status once it runs.
+
+        Raises `ServerStartFailed` (the status then says why).  Any other state is answered as it is.
+        """
+        status = self.board.status
+        if status.status == "stopped" and status.reason == IDLE and self._model is not None and self._child is None:
+            log.info("%s: starting %s again for a request", self.mode, self._model.name)
+            await self._start(self._model)
+        return self.board.status
+
+    async def _stop_idle(self) -> None:
+        """Stop the child after `keep_alive` seconds without a request; the model stays the mode's."""
+        status = self.board.status
+        if status.status != "running" or not idle_expired(self.board.activity, float(self._params["keep_alive"])):
+            return
+        log.info("%s: %s idle for %s s: stopping it", self.mode, status.model_name, self._params["keep_alive"])
+        # `stopped` before the child stops: a request arriving meanwhile wakes it, never leases a dying one
+        self.board.publish(replace(status, status="stopped", endpoint=None, context_size=None, reason=IDLE))
+        await self._stop_child()
+        metrics.server_idle_stopped(self.mode)
 
     async def _refused(self, generation: int, model: ModelInfo, message: str) -> None:
         """The file of a model to (re)start failed its check: retrying cannot help."""
@@ -425,7 +484,7 @@ class ServerActor(Actor):
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
-            "-b", str(p["batch_size"]), "--no-webui",
+            "-b", str(p["batch_size"]), "--no-webui", "--metrics",
         ]
         if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
             argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
@@ -468,12 +527,15 @@ class ServerActor(Actor):
             message = f"Failed to start llama-server: {exc.strerror or exc}"
             self._fail(record, message)
             raise ServerStartFailed(message) from exc
+        metrics.server_starting(self.mode)
+        spawned = trio.current_time()
         failure = await self._wait_healthy(child, self._start_timeout(model.info.file_size))
         if failure is not None:
             await self._stop_child()
             self._fail(record, failure)
             raise ServerStartFailed(failure)
         child.running_since = trio.current_time()
+        metrics.server_started(self.mode, child.running_since - spawned)
         endpoint = f"http://127.0.0.1:{child.port}"
         self.board.publish(ServerStatus("running", record.name, record.path, None, endpoint, n_ctx))
         log.info("%s: %s running on %s", self.mode, record.name, endpoint)
@@ -580,6 +642,8 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
 
 
+#: Seconds a llama-server gets to answer a scrape of its figures.
+METRICS_TIMEOUT = 2.0
 #: Seconds an RPC worker gets to accept a connection before a start fails naming it.
 WORKER_CONNECT_TIMEOUT = 2.0
 
@@ -620,6 +684,8 @@ class ServerHandle:
         self._http = http
         self._store = store
         self._downloads = downloads
+        #: Set while a request starts the model again after an idle stop; the others wait for it.
+        self._waking: trio.Event | None = None
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
@@ -632,6 +698,44 @@ class ServerHandle:
     def model_info(self) -> GGUFInfo | None:
         """What the GGUF header of the model this mode runs (or last tried to run) says; None before any."""
         return self._board.model_info
+
+    @property
+    def activity(self) -> Activity:
+        """What uses this mode's server (the gate counts its leases here)."""
+        return self._board.activity
+
+    def asleep(self) -> bool:
+        """Whether the mode's model was stopped for idleness, or is being started again after that."""
+        status = self._board.status
+        return self._waking is not None or (status.status == "stopped" and status.reason == IDLE)
+
+    async def wake(self) -> ServerStatus:
+        """The status, after starting the mode's model again if it was stopped for idleness, or
+        waiting for the start another request began (so concurrent requests all wait for one
+        start).  Raises `ServerStartFailed`."""
+        if self._waking is not None:
+            await self._waking.wait()
+            return self._board.status
+        if not self.asleep():
+            return self._board.status
+        self._board.activity.touch()
+        waking = self._waking = trio.Event()
+        try:
+            status = await self._ref.call(ServerActor.wake)
+        finally:
+            self._waking = None
+            waking.set()
+        if status.status == "stopped":
+            raise ServerStartFailed(f"The {self.mode} model {status.model_name!r} did not start again")
+        return status
+
+    def context_warning(self) -> str | None:
+        """What to tell a client when `context_size` is more than the mode's model was trained for."""
+        info, status = self._board.model_info, self._board.status
+        if info is None or status.model_name is None:
+            return None
+        return context_warning(status.model_name, int(self._board.parameters["context_size"]),
+                               info.context_length, self._board.context_overflow)
 
     async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
         """Make `model_name` the running model of this mode, downloading it first if needed.
@@ -664,11 +768,32 @@ class ServerHandle:
             if model is None:
                 raise ServerStartFailed(f"Model {model_name!r} was downloaded but is not registered")
         info = await trio.to_thread.run_sync(read_gguf_info, Path(model.path))
-        return await self._ref.call(ServerActor.load, model, info)
+        if problem := mode_problem(info, self.mode):
+            raise InvalidModelFile(f"{model_name} cannot be loaded as {self.mode}: {problem}", param="model_name")
+        try:
+            return await self._ref.call(ServerActor.load, model, info)
+        finally:
+            self._board.activity.touch()  # a load resets the idle timer, even of a model already running
 
     async def update_parameters(self, changes: dict[str, Any]) -> bool:
-        """See `ServerActor.update_parameters`."""
-        return await self._ref.call(ServerActor.update_parameters, changes)
+        """See `ServerActor.update_parameters`; a change resets the idle timer."""
+        try:
+            return await self._ref.call(ServerActor.update_parameters, changes)
+        finally:
+            self._board.activity.touch()
+
+    async def server_metrics(self) -> str | None:
+        """The running llama-server's own figures (`/metrics`: it starts with `--metrics`), or None
+        when nothing runs or it did not answer.  Not a request for the idle timer."""
+        endpoint = self._board.status.endpoint
+        if endpoint is None:
+            return None
+        try:
+            response = await self._http.get(f"{endpoint}/metrics", timeout=METRICS_TIMEOUT)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return response.text
 
     async def tokenize_count(self, text: str) -> int | None:
         """Count `text` in the running model's tokens (llama-server /tokenize), or None

@@ -29,12 +29,14 @@ __all__ = [
     "CONTEXT_MAX",
     "CONTEXT_OVERFLOW_KEY",
     "CONTEXT_UNKNOWN_MODEL_MAX",
+    "KEEP_ALIVE_MAX",
     "MAX_TOKENS_MAX",
     "PARALLEL_MAX",
     "SERVER_KEYS",
     "SYSTEM_PROMPT_MAX",
     "Bounds",
     "ParameterUpdate",
+    "context_warning",
     "defaults_for",
     "effective_context",
     "restore_stored",
@@ -54,6 +56,8 @@ CONTEXT_MAX = 1_048_576
 #: ...nor beyond this while no model (or one that does not say its trained context) is loaded.
 CONTEXT_UNKNOWN_MODEL_MAX = 131_072
 MAX_TOKENS_MAX = 1_048_576
+#: `keep_alive` at most (seconds): 30 days; -1 is forever.
+KEEP_ALIVE_MAX = 30 * 24 * 3600
 #: Parallel slots of the llm server at most.
 PARALLEL_MAX = 64
 SYSTEM_PROMPT_MAX = 100_000
@@ -71,6 +75,9 @@ class _Server(BaseModel):
     #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
     rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
         default_factory=list, max_length=16)
+    #: Seconds without a request before the server is stopped (status `stopped`, reason `idle`;
+    #: the next request starts it again); -1 never.  Not a server flag: a change restarts nothing.
+    keep_alive: int = Field(-1, ge=-1, le=KEEP_ALIVE_MAX)
 
 
 class LlmParameters(_Server):
@@ -205,6 +212,20 @@ def effective_context(context_size: int, trained_context: int | None, context_ov
     if trained_context is None or context_overflow:
         return context_size
     return min(context_size, trained_context)
+
+
+def context_warning(model_name: str, context_size: int, trained_context: int | None,
+                    context_overflow: bool) -> str | None:
+    """What a load or parameter answer says when `context_size` is more than the model was trained
+    for; None when it is not (or the model does not say)."""
+    if trained_context is None or context_size <= trained_context:
+        return None
+    if context_overflow:
+        return (f"context_size {context_size} is more than the {trained_context} tokens {model_name} was trained "
+                f"for ({CONTEXT_OVERFLOW_KEY}): it runs with {context_size}, and answers past {trained_context} "
+                "tokens may lose coherence")
+    return (f"{model_name} was trained for {trained_context} tokens: it runs with a context of {trained_context}, "
+            f"not the context_size {context_size} (set {CONTEXT_OVERFLOW_KEY} with context_size to go beyond)")
 
 
 def _bound_problems(merged: dict[str, Any], changes: dict[str, Any], bounds: Bounds, overflow: bool) -> list[str]:

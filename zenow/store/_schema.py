@@ -73,6 +73,10 @@ MIGRATIONS: tuple[str, ...] = (
         message_count = (SELECT COUNT(*) FROM messages m WHERE m.session_id = sessions.id),
         total_tokens = (SELECT COALESCE(SUM(token_count), 0) FROM messages m WHERE m.session_id = sessions.id);
     """,
+    # 3 -> 4: what each model's GGUF header says (JSON of `ModelDetails`), read when it is registered
+    """
+    ALTER TABLE models ADD COLUMN details TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
