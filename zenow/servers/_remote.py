@@ -240,15 +240,18 @@ class RemoteMonitor:
         """What a backend that just came up serves; raises `_Down` when it refuses the key."""
         if listed is None:
             response = await self._get(http, "/v1/models")  # unlike /health, it needs the key
-            if response.status_code in (401, 403):
-                raise _Down(_refusal("/v1/models", response))
+            _check_key("/v1/models", response)
             listed = _json(response) if response.status_code == 200 else None
         model = self.backend.model or _first_model(listed)
         try:
-            tokenize = await http.post(self.backend.url + "/tokenize", json={"content": "zenow"})
-            counts = tokenize.status_code == 200 and isinstance(_json(tokenize).get("tokens"), list)
-        except (httpx.HTTPError, AttributeError):
+            response = await http.post(self.backend.url + "/tokenize", json={"content": "zenow"})
+        except httpx.HTTPError:
             counts = False
+        else:
+            _check_key("/tokenize", response)
+            answer = _json(response)
+            counts = response.status_code == 200 and isinstance(answer, dict) and isinstance(answer.get("tokens"),
+                                                                                             list)
         return RemoteState("running", model, None, await self._context(http), counts)
 
     async def _context(self, http: httpx.AsyncClient) -> int | None:
@@ -276,6 +279,12 @@ def _first_model(listed: Any) -> str | None:
     except (KeyError, IndexError, TypeError):
         return None
     return name if isinstance(name, str) and name else None
+
+
+def _check_key(path: str, response: httpx.Response) -> None:
+    """Raise `_Down` when `response` says the backend refuses the key (or its absence)."""
+    if response.status_code in (401, 403):
+        raise _Down(_refusal(path, response))
 
 
 def _refusal(path: str, response: httpx.Response) -> str:
