@@ -19,9 +19,10 @@ all n_ctx, as the real server's automatic unified KV cache),
 ``--api-key KEY`` (then every route but ``/health`` and ``/v1/health`` answers 401
 without ``Authorization: Bearer KEY``, as the real server; the key zenow gives its
 children in ``LLAMA_API_KEY`` is not read), ``-h/--help``, ``--version``.
-``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are accepted and ignored.  Every other argument is ignored: a hand-written parser
-is used instead of argparse because argparse reads real llama-server flags such
-as ``-ctk q8_0`` or ``-tb 2`` as ``-c tk`` / ``-t b``.
+``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are accepted and ignored.  Every
+other argument is ignored: a hand-written parser is used instead of argparse
+because argparse reads real llama-server flags such as ``-ctk q8_0`` or
+``-tb 2`` as ``-c tk`` / ``-t b``.
 Both ``--opt value`` and ``--opt=value`` work.
 
 Environment (all optional)
