@@ -289,8 +289,7 @@ class ServerActor(Actor):
         reports why in its status.  Either way `model` is not made current.
         """
         if self._remote is not None:
-            raise BackendInUse(f"The {self.mode} mode is served by {self._params['backend_url']} (backend_url); "
-                               f"set backend_url to \"\" to load a local model")
+            raise _backend_in_use(self.mode, self._params["backend_url"])
         current = self.board.status
         if current.status == "running" and current.model_path == model.path:
             await self.store.set_current_model(self.mode, model.id)
@@ -712,6 +711,11 @@ async def _check_workers(workers: list[str]) -> None:
             ) from None
 
 
+def _backend_in_use(mode: Mode, url: str) -> BackendInUse:
+    return BackendInUse(f"The {mode} mode is served by {url} (backend_url); "
+                        'set backend_url to "" to load a local model')
+
+
 class ServerHandle:
     """What other code holds for one mode's server.
 
@@ -748,12 +752,15 @@ class ServerHandle:
         only then is the actor asked to switch (see `ServerActor.load`), so the mode's
         status, crashes and parameter updates are served during a download.
 
-        Raises `ModelNotFound` (unknown name and no URL), `InvalidModelFile` (no file,
+        Raises `BackendInUse` (a remote backend serves the mode), `ModelNotFound` (unknown name and no URL),
+        `InvalidModelFile` (no file,
         or not a GGUF file llama-server can read: nothing was touched), `InvalidRequest`
         (a bad URL, or the model would not fit in memory), `DownloadFailed`, or
         `ServerStartFailed`.  Cancelling the call stops waiting for a download, not
         the download; once the actor was asked, the switch completes all the same.
         """
+        if backend_url := self._board.parameters.get("backend_url"):  # refused before any download
+            raise _backend_in_use(self.mode, backend_url)
         store, downloads = self._store, self._downloads
         model = await store.find_model(self.mode, model_name)
         if model is None or not model.is_downloaded:
