@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,12 +16,7 @@ import trio
 
 from tests.support.harness import wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from zenow.servers._actor import free_port
 
 
 @dataclass
