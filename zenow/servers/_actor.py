@@ -313,10 +313,11 @@ class ServerActor(Actor):
         changed = {k for k in update.parameters if update.parameters[k] != self._params.get(k)}
         new_key = key_change is not None and key_change.key != self._backend_key
         backend_changed = bool(changed & BACKEND_KEYS) or (new_key and bool(update.parameters["backend_url"]))
-        requires_restart = bool(changed & SERVER_KEYS) or update.context_overflow != self._context_overflow
         if update.parameters["backend_url"]:  # no child to restart: only a change of backend counts
             requires_restart = backend_changed
-        requires_restart = requires_restart or backend_changed
+        else:
+            requires_restart = (backend_changed or bool(changed & SERVER_KEYS)
+                                or update.context_overflow != self._context_overflow)
         # the model that runs, or that failed with the old parameters (a fix may let it start)
         child = self._child
         model = child.model if child is not None else self._model if self.board.status.status == "error" else None
@@ -752,14 +753,14 @@ class ServerHandle:
         only then is the actor asked to switch (see `ServerActor.load`), so the mode's
         status, crashes and parameter updates are served during a download.
 
-        Raises `BackendInUse` (a remote backend serves the mode), `ModelNotFound` (unknown name and no URL),
-        `InvalidModelFile` (no file,
+        Raises `BackendInUse` (a remote backend serves the mode: before any download),
+        `ModelNotFound` (unknown name and no URL), `InvalidModelFile` (no file,
         or not a GGUF file llama-server can read: nothing was touched), `InvalidRequest`
         (a bad URL, or the model would not fit in memory), `DownloadFailed`, or
         `ServerStartFailed`.  Cancelling the call stops waiting for a download, not
         the download; once the actor was asked, the switch completes all the same.
         """
-        if backend_url := self._board.parameters.get("backend_url"):  # refused before any download
+        if backend_url := self._board.parameters.get("backend_url"):
             raise _backend_in_use(self.mode, backend_url)
         store, downloads = self._store, self._downloads
         model = await store.find_model(self.mode, model_name)
