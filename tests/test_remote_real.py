@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import openai
 import pytest
 import trio
 
 from tests.support.harness import create_session, make_settings, start_zenow, wait_status
 from tests.support.llama import cmdline, llama_children
+from tests.support.minilm import minilm_gguf
 from tests.support.remote import chat_text, remote_server
 
 pytestmark = pytest.mark.real_llama
@@ -25,11 +27,16 @@ def local_children() -> list[int]:
 
 
 def v1_chat(url: str, model: str) -> str:
+    """A whole and a streamed answer through the openai client (greedy: the same text); the text."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    answer = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Name a colour."}], temperature=0, seed=7, max_tokens=8)
+    ask = {"model": model, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0,
+           "seed": 7, "max_tokens": 8}
+    answer = client.chat.completions.create(**ask)
     assert answer.model == model
-    return answer.choices[0].message.content or ""
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        **ask, stream=True) if chunk.choices)
+    assert streamed == answer.choices[0].message.content
+    return streamed
 
 
 async def chat(client, session_id: int, text: str) -> str:
@@ -95,3 +102,26 @@ async def test_the_llm_mode_served_by_a_remote_llama_server(nursery, tmp_path, l
         assert status["model_path"] == str(smollm2) and "backend_url" not in status
         assert len(local_children()) == 1
         assert await chat(client, sid, "Name an animal.")
+
+
+def v1_embed(url: str, texts: list[str]) -> np.ndarray:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.embeddings.create(model="minilm-remote", input=texts)
+    assert answer.model == "minilm-remote"
+    return np.array([row.embedding for row in answer.data])
+
+
+async def test_the_embed_mode_served_by_a_remote_llama_server(nursery, tmp_path, llama_server):
+    settings = make_settings(tmp_path / "home", llama_server=llama_server, backend_check_interval=0.3)
+    remote_argv = [llama_server, "-m", str(minilm_gguf()), "--embedding", "-t", "1", "--no-webui",
+                   "--alias", "minilm-remote"]
+    async with remote_server(remote_argv, KEY) as remote, start_zenow(nursery, settings) as zenow:
+        update = await zenow.client.post("/api/models/update_param", params={"mode": "embed"},
+                                         json={"backend_url": remote.url, "backend_api_key": KEY})
+        assert update.status_code == 200
+        status = await wait_status(zenow.client, "running", "embed")
+        assert status["model_name"] == "minilm-remote" and status["backend_url"] == remote.url
+        cat, kitten, crash = await trio.to_thread.run_sync(
+            v1_embed, zenow.url, ["a cat sits on the mat", "a kitten is on the rug", "stock market crash"])
+        assert cat.shape == (384,)
+        assert float(cat @ kitten) > float(cat @ crash) + 0.3
