@@ -133,11 +133,16 @@ class _ServerStatusLike(Protocol):
     def error_message(self) -> str | None: ...
     @property
     def reason(self) -> str | None: ...
+    @property
+    def backend_url(self) -> str | None: ...
+    @property
+    def token_counting(self) -> str: ...
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerStatusEvent(Event):
-    """A mode's server changed state; the fields of `GET /api/server/status` plus `mode`."""
+    """A mode's server changed state; the fields of `GET /api/server/status` plus `mode`
+    (and, for a mode served by a remote backend, `backend_url` and `token_counting`)."""
 
     type: ClassVar[str] = "status"
     mode: str
@@ -147,18 +152,26 @@ class ServerStatusEvent(Event):
     error_message: str | None = None
     #: Why it is `stopped` ("idle", "shutdown"), else None.
     reason: str | None = None
+    backend_url: str | None = None
+    token_counting: str | None = None
 
     @classmethod
     def of(cls, mode: str, status: _ServerStatusLike) -> ServerStatusEvent:
         """The event for `status` (a `zenow.servers.ServerStatus`) of `mode`."""
         return cls(mode=mode, status=status.status, model_name=status.model_name,
-                   model_path=status.model_path, error_message=status.error_message, reason=status.reason)
+                   model_path=status.model_path, error_message=status.error_message, reason=status.reason,
+                   backend_url=status.backend_url,
+                   token_counting=status.token_counting if status.backend_url is not None else None)
 
     def state(self) -> dict[str, Any]:
         """The status as `GET /api/server/status` shows it."""
-        shown = {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
+        state = {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
                  "is_running": self.status == "running", "error_message": self.error_message}
-        return shown if self.reason is None else {**shown, "reason": self.reason}
+        if self.reason is not None:
+            state["reason"] = self.reason
+        if self.backend_url is not None:
+            state |= {"backend_url": self.backend_url, "token_counting": self.token_counting}
+        return state
 
     def payload(self) -> dict[str, Any]:
         return {"mode": self.mode, **self.state()}

@@ -147,6 +147,10 @@ class ServerStatusShape(BaseModel):
     #: Only when the server is `stopped`, why: "idle" (no request for `keep_alive` seconds; the
     #: next one starts it again) or "shutdown".
     reason: str | None = None
+    #: Only for a mode served by a remote backend: its URL, and whether token counts come from
+    #: its `/tokenize` or are zenow's estimate.
+    backend_url: str | None = None
+    token_counting: Literal["tokenize", "estimate"] | None = None
 
 
 class Parameters(BaseModel):
@@ -157,6 +161,11 @@ class Parameters(BaseModel):
     threads: int
     gpu_layers: int
     batch_size: int
+    #: The remote backend serving the mode ("": a local llama-server), the model name sent to it
+    #: ("": the first it lists), and whether its key is set (the key itself is never answered).
+    backend_url: str
+    backend_model: str
+    backend_api_key_set: bool
 
 
 class ParameterUpdate(BaseModel):
@@ -167,6 +176,10 @@ class ParameterUpdate(BaseModel):
     threads: int | None = None
     gpu_layers: int | None = None
     batch_size: int | None = None
+    backend_url: str | None = None
+    backend_model: str | None = None
+    #: Write-only: the remote backend's key ("" or null clears it).
+    backend_api_key: str | None = None
 
 
 class Updated(BaseModel):
@@ -279,7 +292,12 @@ def details_json(details: ModelDetails | None) -> dict[str, Any] | None:
 
 
 def server_status_json(status: ServerStatus) -> dict[str, Any]:
-    """A mode's status as the spec shows it (section 4), plus `reason` when it is `stopped`."""
+    """A mode's status as the spec shows it (section 4), plus `reason` when it is `stopped`; a mode
+    served by a remote backend adds `backend_url` and `token_counting`."""
     shown = {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
              "is_running": status.is_running, "error_message": status.error_message}
-    return shown if status.reason is None else {**shown, "reason": status.reason}
+    if status.reason is not None:
+        shown["reason"] = status.reason
+    if status.backend_url is not None:
+        shown |= {"backend_url": status.backend_url, "token_counting": status.token_counting}
+    return shown
