@@ -225,3 +225,17 @@ async def test_a_backend_set_before_a_restart_is_served_again_without_a_child(nu
             assert status["backend_url"] == remote.url
             await trio.sleep(0.5)
             assert local_children() == []
+
+
+async def test_keep_alive_never_stops_a_remote_backend(nursery, settings):
+    # Idle unload stops zenow's own children; a backend is not zenow's to stop, and /metrics
+    # does not scrape it as one of zenow's llama-servers.
+    async with remote_server(fake_argv(), KEY) as remote, start_zenow(nursery, settings) as zenow:
+        client = zenow.client
+        await use_backend(client, backend_url=remote.url, backend_api_key=KEY, keep_alive=1)
+        await wait_status(client, "running")
+        await trio.sleep(2.5)  # well past keep_alive, several idle checks
+        status = (await client.get("/api/server/status", params={"mode": "llm"})).json()
+        assert status["status"] == "running" and "reason" not in status
+        scrape = (await client.get("/metrics")).text
+        assert 'zenow_llama_server_metrics_up{mode="llm"} 0.0' in scrape
