@@ -92,6 +92,8 @@ MAX_FAST_FAILURES = 5
 STABLE_AFTER = 60.0
 BACKOFF_MAX = 30.0
 TAIL_LINES = 40
+#: How long an exited child's last output may take to be read before its exit is reported.
+DRAIN_AFTER_EXIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class _Child:
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Set when everything the child printed is in `tail` (its output reached its end).
+    drained: trio.Event = field(default_factory=trio.Event)
     running_since: float | None = None
     #: The child's API key (given to it in its environment).
     key: str = field(default="", repr=False)
@@ -694,6 +698,9 @@ class ServerActor(Actor):
                     nursery.start_soon(self._drain, child, output)
                     task_status.started()
                     child.exit_code = await wait_exit(process)
+                    # its last lines are why it exited: read them before saying it did
+                    with trio.move_on_after(DRAIN_AFTER_EXIT):
+                        await child.drained.wait()
                     child.exited.set()
         finally:
             with trio.CancelScope(shield=True):
@@ -726,6 +733,9 @@ class ServerActor(Actor):
                 child.tail.extend(line.decode(errors="replace").rstrip() for line in lines if line.strip())
                 if len(pending) > 65536:
                     pending = pending[-4096:]
+            if pending.strip():  # a last line without its newline
+                child.tail.append(pending.decode(errors="replace").rstrip())
+            child.drained.set()
         finally:
             if log_file is not None:
                 with trio.CancelScope(shield=True):
