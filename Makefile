@@ -12,13 +12,13 @@ MINILM := $(VENV)/.minilm
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test test-fast check bench bench-quick install llama-server embed-model clean
+.PHONY: run test test-fast check bench bench-quick install llama-server embed-model chromium clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
 	  $(PY) -m zenow serve --host $(HOST) --port $(PORT) --default-llm "$$(cat $(SMOLLM2))"
 
-test: install llama-server $(SMOLLM2) $(MINILM) check
+test: install llama-server $(SMOLLM2) $(MINILM) chromium check
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) -m pytest
 
@@ -71,6 +71,13 @@ embed-model: $(MINILM)
 
 llama-server:
 	@ops/provide-llama-server.sh >/dev/null
+
+# The page's browser tests drive Debian's Chromium (Playwright with the system browser).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,7 +22,7 @@ import pexpect
 import pytest
 import trio
 
-from tests.support.file_server import FileServer
+from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer
 from tests.support.harness import REPO, create_session, make_settings, start_zenow, wait_for, wait_status
 from zenow.client._output import human_size, human_time
 from zenow.client._sse import sse_data
@@ -48,7 +48,7 @@ async def zenow_cli(*args: str, stdin: bytes = b"", env: dict[str, str] | None =
 
 
 def gguf(size: int) -> bytes:
-    return b"GGUF" + os.urandom(size - 4)
+    return EMPTY_GGUF_HEADER + os.urandom(size - len(EMPTY_GGUF_HEADER))
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.file_server import FileServer
+from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer
 from tests.support.harness import add_message, create_session, spawn_zenow, wait_for, wait_status
 
 
@@ -105,7 +105,7 @@ async def test_killed_during_a_streamed_chat_then_started_again(nursery, tmp_pat
 
 
 async def test_killed_during_a_download_then_it_resumes_from_its_part(nursery, tmp_path):
-    data = b"GGUF" + os.urandom(3 * 2**20)
+    data = EMPTY_GGUF_HEADER + os.urandom(3 * 2**20)
     digest = hashlib.sha256(data).hexdigest()
     files = FileServer()
     await files.start(nursery)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.file_server import FileServer, SeenRequest
+from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer, SeenRequest
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
 from zenow.actor import Supervisor
@@ -37,8 +37,8 @@ RECORD_FIELDS = ["url", "filename", "status", "downloaded", "total", "progress",
 
 
 def gguf(size: int, seed: int = 0) -> bytes:
-    """A test model file: the GGUF magic and random bytes."""
-    return b"GGUF" + random.Random(seed).randbytes(size - 4)
+    """A test model file: a valid GGUF header and random bytes."""
+    return EMPTY_GGUF_HEADER + random.Random(seed).randbytes(size - len(EMPTY_GGUF_HEADER))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 import zenow.events
 import zenow.routes.events
 import zenow.service
-from tests.support.file_server import FileServer
+from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer
 from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
 from zenow.errors import InvalidRequest
 from zenow.events import (
@@ -186,6 +186,34 @@ async def test_progress_is_paced_to_four_a_second_and_the_final_state_always_goe
     assert a[-1].status == "completed" and a[-1].eta is None
     assert json.loads(a[2].text)["eta"] == 0.5
     assert [e.downloaded for e in seen if isinstance(e, DownloadProgress) and e.url.endswith("b.gguf")] == [0]
+
+
+async def test_the_newest_held_back_progress_goes_once_its_interval_has_passed(autojump_clock):
+    # A download that stalls right after a burst: the last progress of the burst was held back
+    # by the pacing; it must still reach subscribers, once, and after a newer one nothing is resent.
+    hub = EventHub(progress_interval=0.2, clock=trio.current_time)
+    subscription = hub.subscribe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.release_held_progress)
+        hub.publish(progress("http://x/a.gguf", 0))
+        hub.publish(progress("http://x/a.gguf", 10))
+        hub.publish(progress("http://x/a.gguf", 20))  # held back: the stall's last figure
+        assert [e.downloaded for e in drain(subscription)] == [0]
+        await trio.sleep(0.1)
+        assert drain(subscription) == []
+        await trio.sleep(0.15)
+        assert [e.downloaded for e in drain(subscription)] == [20]
+        hub.publish(progress("http://x/a.gguf", 30))  # held, then overtaken by the final state
+        hub.publish(progress("http://x/a.gguf", 40, status="completed"))
+        await trio.sleep(0.5)
+        assert [(e.downloaded, e.status) for e in drain(subscription)] == [(40, "completed")]
+        nursery.cancel_scope.cancel()
+
+
+def drain(subscription):
+    events = list(subscription._queue)
+    subscription._queue.clear()
+    return events
 
 
 async def test_closing_the_hub_ends_subscriptions_after_what_they_had_queued():
@@ -429,7 +457,7 @@ async def test_shutdown_ends_every_stream_at_once(hubs, nursery, tmp_path):
 async def test_a_completed_download_announces_its_model(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    data = b"GGUF" + bytes(200 * 1024)
+    data = EMPTY_GGUF_HEADER + bytes(200 * 1024)
     files.add("/m/Tiny-Q4_0.gguf", data)
     async with subscribed(zenow.client, types="model") as (events, _):
         response = await zenow.client.post("/api/models/download", json={"url": files.url("/m/Tiny-Q4_0.gguf"),
@@ -446,7 +474,7 @@ async def test_a_completed_download_announces_its_model(zenow, nursery):
 async def test_download_progress_comes_in_order_and_ends_in_completed(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    data = b"GGUF" + bytes(2 * 1024 * 1024)
+    data = EMPTY_GGUF_HEADER + bytes(2 * 1024 * 1024)
     files.add("/slow.gguf", data, trickle=0.02, chunk_size=32 * 1024)  # about 1.3 s
     url = files.url("/slow.gguf")
     async with subscribed(zenow.client, types="download") as (events, _):
@@ -467,7 +495,7 @@ async def test_download_progress_comes_in_order_and_ends_in_completed(zenow, nur
 async def test_a_running_download_is_in_the_snapshot(zenow, nursery):
     files = FileServer()
     await files.start(nursery)
-    served = files.add("/held.gguf", b"GGUF" + bytes(300 * 1024), holds=[100 * 1024])
+    served = files.add("/held.gguf", EMPTY_GGUF_HEADER + bytes(300 * 1024), holds=[100 * 1024])
     url = files.url("/held.gguf")
     await zenow.client.post("/api/models/download", json={"url": url, "mode": "rerank"})
     try:

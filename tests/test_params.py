@@ -16,6 +16,7 @@ from zenow.servers._params import (
     SERVER_KEYS,
     SYSTEM_PROMPT_MAX,
     Bounds,
+    backend_url_checked,
     defaults_for,
     effective_context,
     restore_stored,
@@ -40,9 +41,12 @@ def test_defaults_follow_the_spec_and_the_machine():
     assert {k: v for k, v in llm().items() if k != "system_prompt"} == {
         "context_size": 8192, "threads": 2, "gpu_layers": 0, "batch_size": 512,
         "temperature": 0.7, "repeat_penalty": 1.1, "max_tokens": 2048, "parallel": 4, "rpc_servers": [],
+        "keep_alive": -1, "backend_url": "", "backend_model": "",
     }
     assert defaults_for("embed", "", 64)["threads"] == 8  # at most 8 by default
-    assert set(defaults_for("rerank", "", 1)) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers"}
+    assert set(defaults_for("rerank", "", 1)) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers",
+                                                  "keep_alive", "backend_url", "backend_model"}
+    assert defaults_for("embed", "", 1)["keep_alive"] == defaults_for("rerank", "", 1)["keep_alive"] == -1
 
 
 def test_a_lone_surrogate_in_the_system_prompt_is_refused_naming_the_field():
@@ -158,3 +162,14 @@ def test_parallel_slots_are_an_llm_server_parameter_within_bounds():
     for bad in (0, PARALLEL_MAX + 1, "4", 2.5):
         assert refusal({"parallel": bad}).startswith("parallel:")
     assert refusal({"parallel": 2}, mode="embed").startswith("parallel: not a parameter of mode embed")
+
+
+def test_a_backend_url_is_kept_as_the_servers_root():
+    assert backend_url_checked("") == ""
+    assert backend_url_checked("HTTP://Farm.Example:8080/v1/") == "http://farm.example:8080"
+    assert backend_url_checked("https://gw.example/llama/") == "https://gw.example/llama"
+    assert backend_url_checked("http://[::1]:8080") == "http://[::1]:8080"
+    update = validate_update("llm", llm(), {"backend_url": "http://10.0.0.5:8080/"}, TWO_CORES, False)
+    assert update.stored == {"backend_url": "http://10.0.0.5:8080"}
+    assert refusal({"backend_url": "http://u:secret@h"}).startswith("backend_url: must not hold credentials")
+    assert "secret" not in refusal({"backend_url": "http://u:secret@h"})

@@ -83,3 +83,25 @@ def test_a_session_is_shown_with_every_field_of_its_record():
 
     session = SessionInfo(7, "名前", "2026-01-01T00:00:00", "2026-01-02T00:00:00", 3, 42)
     assert session_json(session) == asdict(session)
+
+
+def test_the_rename_schema_accepts_exactly_the_names_that_are_not_empty_once_whitespace_is_collapsed():
+    # schemathesis draws names from the schema's pattern with Python's `re`; pydantic checks it with
+    # Rust's regex; the route collapses whitespace with str.split(): all three must agree.
+    import re
+
+    import pydantic
+
+    from zenow.routes.sessions import RenameSession
+
+    pattern = RenameSession.model_json_schema()["properties"]["new_name"]["pattern"]
+    for code in [*range(0x21), *range(0x7f, 0xa1), 0x1680, *range(0x2000, 0x2030), 0x205f, 0x3000, 0xfeff, 0x4e2d]:
+        name = f" {chr(code)} "
+        kept = bool(name.split())
+        assert bool(re.search(pattern, name)) == kept, hex(code)
+        try:
+            RenameSession(new_name=name)
+            accepted = True
+        except pydantic.ValidationError:
+            accepted = False
+        assert accepted == kept, hex(code)

@@ -237,10 +237,13 @@ async def test_parameter_defaults_follow_the_spec(client):
     }
     assert llm["threads"] == min(8, len(os.sched_getaffinity(0))) and llm["system_prompt"]
     embed = (await client.get("/api/models/get_param", params={"mode": "embed"})).json()
-    assert set(embed) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "normalize", "truncate"}
+    backend = {"backend_url", "backend_model", "backend_api_key_set"}
+    assert set(embed) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "keep_alive",
+                          "normalize", "truncate", *backend}
     assert embed["normalize"] is True and embed["truncate"] is True
     rerank = (await client.get("/api/models/get_param", params={"mode": "rerank"})).json()
-    assert set(rerank) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers"}
+    assert set(rerank) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "keep_alive", *backend}
+    assert {rerank[k] for k in backend} == {"", False}
 
 
 async def test_loading_the_running_model_again_keeps_its_server(nursery, fake_settings):

@@ -186,10 +186,11 @@ async def test_a_broken_model_file_never_costs_the_mode_its_running_model(nurser
     home = tmp_path / "home"
     place(home, "embed", tiny_models["embed"])
     broken = home / "models" / "embed" / "broken.gguf"
-    broken.write_bytes(b"GGUF" + random.Random(3).randbytes(4096))  # the magic, then garbage
+    shutil.copy(tiny_models["embed"], broken)  # registered at start (a broken header is refused there)...
     write_stub_model(home / "models" / "embed" / "hollow.gguf")  # a whole header, no model behind it
     async with start_zenow(nursery, make_settings(home, llama_server=llama_server)) as zenow:
         client = zenow.client
+        broken.write_bytes(b"GGUF" + random.Random(3).randbytes(4096))  # ...then broken: the magic, then garbage
         await client.post("/api/models/update_param", params={"mode": "embed"}, json={"context_size": 512})
         loaded = await client.post("/api/models/load", json={"model_name": "tiny-bert-embed", "mode": "embed"})
         assert loaded.status_code == 200, loaded.text

@@ -90,12 +90,12 @@ def test_a_version_2_database_gets_its_counters_on_upgrade(tmp_path):
         conn.close()
 
 
-def test_a_version_3_database_gets_its_session_count_on_upgrade(tmp_path):
+def test_a_version_4_database_gets_its_session_count_on_upgrade(tmp_path):
     from zenow.store._schema import MIGRATIONS
 
     path = tmp_path / "old.db"
     old = sqlite3.connect(path, isolation_level=None)
-    for step in range(3):
+    for step in range(4):
         old.executescript(f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;")
     old.executemany("INSERT INTO sessions (session_name, created_at, updated_at) VALUES (?, 't', 't')",
                     [("a",), ("b",), ("c",)])

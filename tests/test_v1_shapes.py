@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from zenow.errors import InvalidRequest, UpstreamError
-from zenow.servers import ServerStatus
+from zenow.servers import Activity, ServerStatus
 from zenow.v1 import (
     CompletionStream,
     ModelBusy,
@@ -236,6 +236,10 @@ class FakeServer:
     running: str | None = "a"
     load_time: float = 1.0
     loads: list[str] = field(default_factory=list)
+    activity: Activity = field(default_factory=Activity)
+
+    def asleep(self) -> bool:
+        return False
 
     def status(self) -> ServerStatus:
         if self.running is None:
@@ -340,3 +344,33 @@ async def test_cancelling_a_stream_cancels_its_upstream_scope_and_closes_the_cha
     assert stream.scope.cancel_called
     with pytest.raises(trio.BrokenResourceError):
         send.send_nowait(DONE)
+
+
+async def test_the_gate_wakes_a_model_stopped_for_idleness_and_counts_its_leases(autojump_clock):
+    @dataclass
+    class IdleServer(FakeServer):
+        wakes: int = 0
+        stopped: bool = True
+
+        def status(self) -> ServerStatus:
+            if self.stopped:
+                return ServerStatus("stopped", "a", "/m/a.gguf", reason="idle")
+            return super().status()
+
+        def asleep(self) -> bool:
+            return self.stopped
+
+        async def wake(self) -> ServerStatus:
+            self.wakes += 1
+            await trio.sleep(self.load_time)
+            self.stopped = False
+            return self.status()
+
+    server = IdleServer()
+    gate = ModelGate(server, switch_wait=30)  # type: ignore[arg-type]
+    status, lease = await gate.enter(None)
+    assert (status.status, status.model_name, server.wakes, server.loads) == ("running", "a", 1, [])
+    assert server.activity.busy == 1
+    lease.release()
+    lease.release()  # idempotent
+    assert server.activity.busy == 0 and server.activity.last == trio.current_time()

@@ -24,6 +24,7 @@ from .handles import Services
 from .request_body import JSONRequest
 from .routes import blueprints
 from .routes._validation import describe_validation_error, first_bad_field
+from .routes.page import is_public_page_path
 from .routes.sessions import ID_MAX
 
 __all__ = ["create_app", "origin_allowed"]
@@ -190,7 +191,9 @@ def create_app(services: Services) -> QuartTrio:
             return None
         authenticated = key_accepted(presented_key(request.headers, request.path, request.args), api_keys)
         g.zenow_authenticated = authenticated
-        if authenticated or (request.method == "GET" and request.path == "/api/health"):
+        # The page and its assets hold no data; the page asks for the key before it calls /api.
+        if authenticated or (request.method == "GET" and (request.path == "/api/health"
+                                                          or is_public_page_path(request.path))):
             return None
         response = _detail(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                            code="invalid_api_key")

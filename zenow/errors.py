@@ -14,10 +14,12 @@ the exception is the `detail` the client sees::
     │   ├── ModelNotFound
     │   └── DownloadNotFound
     ├── ServerNotRunning          400: the mode's llama-server is not running
-    │   └── ModelNotLoaded        503: nothing runs and the request named no model (`/v1`)
+    │   ├── ModelNotLoaded        503: nothing runs and the request named no model (`/v1`)
+    │   └── BackendUnavailable    503: the mode's remote backend (`backend_url`) does not answer
     ├── ServerStartFailed         500: llama-server did not come up; says why
     │   └── ModelLoadFailed       500: the model a request named did not start
     ├── ModelBusy                 409: a switch of model waited too long for requests in flight
+    ├── BackendInUse              409: a load for a mode that a remote backend serves
     ├── UpstreamError             502: llama-server answered badly or went away
     ├── DownloadFailed            the download ended in `failed`; says why
     ├── StoreError                500: the database failed (translated from sqlite3)
@@ -38,6 +40,8 @@ from .settings import MODES  # the one list of modes (settings imports nothing o
 __all__ = [
     "ActorCrashed",
     "ActorUnavailable",
+    "BackendInUse",
+    "BackendUnavailable",
     "ContextOverflow",
     "DownloadFailed",
     "DownloadNotFound",
@@ -166,6 +170,13 @@ class ModelNotLoaded(ServerNotRunning):
     default_param, default_code = "model", "model_not_loaded"
 
 
+class BackendUnavailable(ServerNotRunning):
+    """The mode is served by a remote backend that does not answer (its health check failed)."""
+
+    status_code = 503
+    default_code = "backend_unavailable"
+
+
 class ModelLoadFailed(ServerStartFailed):
     """The model a request named did not start; the message says why."""
 
@@ -177,6 +188,13 @@ class ModelBusy(ZenowError):
 
     status_code = 409
     default_param, default_code = "model", "model_busy"
+
+
+class BackendInUse(ZenowError):
+    """A local model was asked for while the mode is served by a remote backend (`backend_url`)."""
+
+    status_code = 409
+    default_param, default_code = "backend_url", "backend_in_use"
 
 
 def single_cause(error: BaseException) -> BaseException:

@@ -24,7 +24,9 @@ Guarantees:
   `PROGRESS_INTERVAL` seconds per download URL (4 a second), except the final state of a
   download (`completed` or `failed`), which always goes; the hub fills in `speed` (bytes
   per second, smoothed) from the events it saw.  Publishers may therefore publish on
-  every chunk received.
+  every chunk received.  The newest event held back is not lost: `release_held_progress`
+  (a task the service runs) sends it once its interval has passed, unless a newer one
+  went first, so a download that stalls right after a burst shows where it stalled.
 * **In order.**  One publisher's events reach every subscriber in the order published.
 
 Every event is a JSON object with `type` and `ts` (seconds since the epoch, a float);
@@ -47,7 +49,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Protocol
 
 import trio
 
@@ -129,11 +131,18 @@ class _ServerStatusLike(Protocol):
     def model_path(self) -> str | None: ...
     @property
     def error_message(self) -> str | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def backend_url(self) -> str | None: ...
+    @property
+    def token_counting(self) -> str: ...
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerStatusEvent(Event):
-    """A mode's server changed state; the fields of `GET /api/server/status` plus `mode`."""
+    """A mode's server changed state; the fields of `GET /api/server/status` plus `mode`
+    (and, for a mode served by a remote backend, `backend_url` and `token_counting`)."""
 
     type: ClassVar[str] = "status"
     mode: str
@@ -141,17 +150,28 @@ class ServerStatusEvent(Event):
     model_name: str | None = None
     model_path: str | None = None
     error_message: str | None = None
+    #: Why it is `stopped` ("idle", "shutdown"), else None.
+    reason: str | None = None
+    backend_url: str | None = None
+    token_counting: str | None = None
 
     @classmethod
     def of(cls, mode: str, status: _ServerStatusLike) -> ServerStatusEvent:
         """The event for `status` (a `zenow.servers.ServerStatus`) of `mode`."""
         return cls(mode=mode, status=status.status, model_name=status.model_name,
-                   model_path=status.model_path, error_message=status.error_message)
+                   model_path=status.model_path, error_message=status.error_message, reason=status.reason,
+                   backend_url=status.backend_url,
+                   token_counting=status.token_counting if status.backend_url is not None else None)
 
     def state(self) -> dict[str, Any]:
         """The status as `GET /api/server/status` shows it."""
-        return {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
-                "is_running": self.status == "running", "error_message": self.error_message}
+        state = {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
+                 "is_running": self.status == "running", "error_message": self.error_message}
+        if self.reason is not None:
+            state["reason"] = self.reason
+        if self.backend_url is not None:
+            state |= {"backend_url": self.backend_url, "token_counting": self.token_counting}
+        return state
 
     def payload(self) -> dict[str, Any]:
         return {"mode": self.mode, **self.state()}
@@ -458,18 +478,23 @@ class _ProgressPacer:
         self._interval = interval
         self._clock = clock
         self._paces: OrderedDict[str, _Pace] = OrderedDict()
+        #: The newest event held back per download, until its interval has passed.
+        self._held: dict[str, DownloadProgress] = {}
 
     def admit(self, event: DownloadProgress) -> DownloadProgress | None:
         now = self._clock()
         pace = self._paces.get(event.url)
+        self._held.pop(event.url, None)
         if pace is None:
             if not event.final:
                 self._paces[event.url] = _Pace(now, event.downloaded, None)
                 if len(self._paces) > _PACED_DOWNLOADS_MAX:
-                    self._paces.popitem(last=False)
+                    forgotten, _ = self._paces.popitem(last=False)
+                    self._held.pop(forgotten, None)
             return event
         elapsed = now - pace.at
         if not event.final and elapsed < self._interval:
+            self._held[event.url] = event
             return None
         speed = pace.speed
         if elapsed > 0 and event.downloaded >= pace.downloaded:
@@ -480,6 +505,21 @@ class _ProgressPacer:
         else:
             pace.at, pace.downloaded, pace.speed = now, event.downloaded, speed
         return event if event.speed is not None else replace(event, speed=speed)
+
+    def next_due(self) -> float | None:
+        """Seconds until the first held event may go (0 when one may go now); None when none is held."""
+        if not self._held:
+            return None
+        now = self._clock()
+        return max(0.0, min(self._paces[url].at + self._interval - now for url in self._held))
+
+    def take_due(self) -> list[DownloadProgress]:
+        """The held events whose interval has passed, no longer held (publish them)."""
+        now = self._clock()
+        due = [e for url, e in self._held.items() if now - self._paces[url].at >= self._interval]
+        for event in due:
+            del self._held[event.url]
+        return due
 
 
 async def _no_snapshot() -> Snapshot:
@@ -499,6 +539,7 @@ class EventHub:
         self._pacer = _ProgressPacer(progress_interval, clock)
         self._snapshot: SnapshotProvider = _no_snapshot
         self._closed = False
+        self._progress_held = trio.Event()
 
     @property
     def subscribers(self) -> int:
@@ -518,6 +559,7 @@ class EventHub:
         if isinstance(event, DownloadProgress):
             paced = self._pacer.admit(event)
             if paced is None:
+                self._progress_held.set()
                 return
             event = paced
         overflowed: list[Subscription] = []
@@ -528,6 +570,19 @@ class EventHub:
             del self._subscribers[subscription]
             self.dropped += 1
             log.info("an event subscriber fell %d events behind: dropped", subscription.buffer)
+
+    async def release_held_progress(self) -> NoReturn:
+        """Forever: publish each held-back `DownloadProgress` once its interval has passed (see
+        the module docstring).  The service runs it for as long as the hub serves."""
+        while True:
+            wait = self._pacer.next_due()
+            if wait is None:
+                await self._progress_held.wait()
+                self._progress_held = trio.Event()
+                continue
+            await trio.sleep(wait)
+            for event in self._pacer.take_due():
+                self.publish(event)
 
     def subscribe(self, types: TypeFilter = None, *, buffer: int | None = None) -> Subscription:
         """A subscription to every event published from now on that `types` takes (no snapshot).

@@ -155,6 +155,7 @@ async def _run(
     health = ActorHealth()
     events = EventHub()
     async with trio.open_nursery() as store_tier:
+        store_tier.start_soon(events.release_held_progress)
         store = Store(
             await Supervisor(store_tier, health=health).start(
                 "store",

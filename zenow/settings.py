@@ -83,6 +83,8 @@ class Settings:
     #: Seconds allowed for llama-server to become healthy: base + per GiB of model file.
     start_timeout_base: float = 30.0
     start_timeout_per_gib: float = 60.0
+    #: Seconds between health checks of a mode's remote backend (`backend_url`).
+    backend_check_interval: float = 2.0
     #: Seconds a database write waits for a lock held by another connection.
     db_busy_timeout: float = 5.0
     #: Seconds a shutdown gives open HTTP requests before cancelling them.

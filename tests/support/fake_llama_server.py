@@ -16,10 +16,13 @@ printed in the listening line), ``-c/--ctx-size N`` (0 or absent: 4096),
 completions generate at once, later ones wait for a slot; each slot holds
 n_ctx / N tokens, as the real server's split KV cache; absent: 4 slots sharing
 all n_ctx, as the real server's automatic unified KV cache),
-``-h/--help``, ``--version``.  ``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are
-accepted and ignored.  Every other argument is ignored: a hand-written parser
-is used instead of argparse because argparse reads real llama-server flags such
-as ``-ctk q8_0`` or ``-tb 2`` as ``-c tk`` / ``-t b``.
+``--api-key KEY`` (then every route but ``/health`` and ``/v1/health`` answers 401
+without ``Authorization: Bearer KEY``, as the real server; the key zenow gives its
+children in ``LLAMA_API_KEY`` is not read), ``-h/--help``, ``--version``.
+``-t``, ``-ngl``, ``-b`` and ``--no-webui`` are accepted and ignored.  Every
+other argument is ignored: a hand-written parser is used instead of argparse
+because argparse reads real llama-server flags such as ``-ctk q8_0`` or
+``-tb 2`` as ``-c tk`` / ``-t b``.
 Both ``--opt value`` and ``--opt=value`` work.
 
 Environment (all optional)
@@ -46,6 +49,8 @@ FAKE_LLAMA_TOKENIZE_DELAY=S   seconds /tokenize takes before answering (0).
 FAKE_LLAMA_TOKENIZE_DELAY_IF=TEXT  only when the content holds TEXT.
 FAKE_LLAMA_EVENT_LOG=PATH     append one JSON object per line (see below).
 FAKE_LLAMA_IGNORE_SIGTERM=1   ignore SIGTERM (SIGINT still stops it).
+FAKE_LLAMA_WITHOUT=PATHS      comma-separated paths (e.g. /health,/tokenize) that
+                              answer 404, like a server that has no such route.
 
 Signals: SIGTERM and SIGINT stop the accept loop and exit 0 within ~0.1 s, even
 with streams in flight (those connections just drop).
@@ -221,6 +226,7 @@ _OPTIONS = {
     "--no-webui": ("no_webui", False), "--no-ui": ("no_webui", False),
     "-h": ("help", False), "--help": ("help", False),
     "--version": ("version", False),
+    "--api-key": ("api_key", True),
 }
 
 
@@ -228,7 +234,7 @@ def parse_args(argv):
     """Parse the llama-server flags the fake understands; ignore everything else."""
     opts = {"model": "models/7B/ggml-model-f16.gguf", "host": "127.0.0.1", "port": "8080",
             "ctx_size": "0", "parallel": "-1", "pooling": None,
-            "embedding": False, "reranking": False,
+            "embedding": False, "reranking": False, "api_key": None,
             "help": False, "version": False}
     i = 0
     while i < len(argv):
@@ -282,6 +288,7 @@ class State:
         self.tokenize_delay = max(_env_float("FAKE_LLAMA_TOKENIZE_DELAY", 0.0), 0.0)
         self.tokenize_delay_if = os.environ.get("FAKE_LLAMA_TOKENIZE_DELAY_IF", "")
         self.crash_mid_stream = _env_int("FAKE_LLAMA_CRASH_MID_STREAM")
+        self.without = {p.strip() for p in os.environ.get("FAKE_LLAMA_WITHOUT", "").split(",") if p.strip()}
         #: One per slot: a chat completion generates only while it holds one.
         self.slots = threading.BoundedSemaphore(opts["parallel"])
         self.started = time.time()
@@ -550,11 +557,15 @@ class Handler(BaseHTTPRequestHandler):
         if parse_error is not None:
             fields["raw"] = raw[:2000].decode("utf-8", "replace")
         st.events.emit("request", **fields)
+        key = st.opts["api_key"]
+        if key and path not in ("/health", "/v1/health") and self.headers.get("Authorization") != f"Bearer {key}":
+            self.send_json(401, error_body("Invalid API Key", "authentication_error", 401))
+            return
         try:
             if not st.ready.is_set():
                 self.send_json(503, error_body("Loading model", "unavailable_error", 503))
                 return
-            route = ROUTES.get((self.command, path))
+            route = None if path in st.without else ROUTES.get((self.command, path))
             if route is None:
                 self.send_json(404, error_body("File Not Found", "not_found_error", 404))
                 return

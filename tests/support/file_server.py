@@ -12,12 +12,17 @@ request's target and Authorization header.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-__all__ = ["FileServer", "ServedFile", "SeenRequest"]
+__all__ = ["EMPTY_GGUF_HEADER", "FileServer", "ServedFile", "SeenRequest"]
+
+#: The smallest valid GGUF header (version 3, no tensors, no metadata): a downloaded file must
+#: start with a header zenow can read, so test files are this and then any bytes.
+EMPTY_GGUF_HEADER = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _METHOD = re.compile(rb"^[A-Z]{1,7}( |$)")

@@ -37,6 +37,7 @@ import httpx
 import outcome
 import trio
 
+from .. import metrics
 from ..actor import Actor, ActorRef
 from ..errors import (
     ActorCrashed,
@@ -48,7 +49,7 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import ServerHandle, ServerStatus, child_auth
+from ..servers import ServerHandle, ServerStatus
 from ..store import MessageInfo, Store
 from ..tokens import TokenCounter, estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
@@ -81,6 +82,8 @@ class ChatRequest:
     temperature: float | None = None
     repeat_penalty: float | None = None
     max_tokens: int | None = None
+    #: When the request arrived (trio's clock): its time to first token is counted from here.
+    received_at: float = field(default_factory=trio.current_time)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class ChatStreamerActor(Actor):
         #: (endpoint, system prompt, its token count): the one count every chat needs.
         self._system_count: tuple[str, str, int] | None = None
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False, auth=child_auth(),
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
         )
 
@@ -221,10 +224,10 @@ class ChatStreamerActor(Actor):
         """Check the session, the server and the context window; count what must be counted now."""
         # the session and the start of its history in one store call: often all the history sent
         session, newest = await self.store.session_with_newest_messages(request.session_id, HISTORY_PAGE)
-        status = self.llm.status()
+        status = await self.llm.wake()  # an llm server stopped for idleness starts again; the chat waits
         endpoint = status.endpoint
         if endpoint is None:
-            raise ServerNotRunning(NOT_RUNNING)
+            raise status.not_running(NOT_RUNNING)
         params = self.llm.parameters()
         system_prompt = params.get("system_prompt") or ""
         # what the running server has per conversation: context_size, or less for a model trained for less
@@ -233,11 +236,11 @@ class ChatStreamerActor(Actor):
         system_tokens = self._known_system_count(endpoint, system_prompt)
         counts: list[int] | None = None
         if system_tokens is None:
-            counted = await self._count(endpoint, [system_prompt, *contents])
+            counted = await self._count(status, [system_prompt, *contents])
             system_tokens, counts = counted[0], counted[1:]
             self._system_count = (endpoint, system_prompt, system_tokens)
         elif not _surely_fits(contents, context_size - system_tokens):
-            counts = await self._count(endpoint, contents)
+            counts = await self._count(status, contents)
         if counts is not None:
             needed = system_tokens + sum(counts)
             if needed > context_size:
@@ -253,6 +256,8 @@ class ChatStreamerActor(Actor):
             # never more than the window holds (llama-server takes a huge count as a negative one)
             "max_tokens": min(int(max_tokens), context_size),
         }
+        if status.backend_url is not None and status.model_name:  # a farm needs to be told which model
+            options["model"] = status.model_name
         system = Turn("system", system_prompt, system_tokens) if system_prompt else None
         return _Prepared(request, endpoint, system, counts, context_size, options, session.total_tokens, newest)
 
@@ -264,15 +269,18 @@ class ChatStreamerActor(Actor):
             return known[2]
         return None
 
-    async def _count(self, endpoint: str, texts: list[str]) -> list[int]:
+    async def _count(self, server: ServerStatus, texts: list[str]) -> list[int]:
         """The token count of each of `texts` with the running model's tokenizer, in one
         `/tokenize` call (texts separated by the impossible token id -1); estimates when
-        llama-server does not answer.  Never raises."""
+        llama-server does not answer, or the server has no `/tokenize`.  Never raises."""
         if not any(texts):
             return [0] * len(texts)
+        if server.token_counting == "estimate":
+            return [estimate_tokens(text) for text in texts]
         content: str | list[str | int] = texts[0] if len(texts) == 1 else _interleave(texts)
         try:
-            response = await self._http.post(f"{endpoint}/tokenize", json={"content": content})
+            response = await self._http.post(f"{server.endpoint}/tokenize", json={"content": content},
+                                             headers=server.auth_headers())
             response.raise_for_status()
             tokens = response.json()["tokens"]
             counts = [0]
@@ -333,7 +341,7 @@ class ChatStreamerActor(Actor):
                 try:
                     status, lease = await self.llm.gate.enter(None)
                 except ModelNotLoaded:
-                    raise ServerNotRunning(NOT_RUNNING) from None
+                    raise self.llm.status().not_running(NOT_RUNNING) from None
             except ZenowError as exc:
                 with trio.move_on_after(1):
                     await send.send(Failed(str(exc)))
@@ -377,10 +385,10 @@ class ChatStreamerActor(Actor):
         generating = trio.Event()
         try:
             async with trio.open_nursery() as storing:
-                storing.start_soon(self._store_request, prepared, endpoint, scope, failures, generating)
+                storing.start_soon(self._store_request, prepared, status, scope, failures, generating)
                 try:
                     with scope:
-                        closing = await self._stream_upstream(endpoint, prepared, prompt, reader, parts, send,
+                        closing = await self._stream_upstream(status, prepared, prompt, reader, parts, send,
                                                               generating)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the consumer went away; the upstream request is closed by now
@@ -396,7 +404,7 @@ class ChatStreamerActor(Actor):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send.send(closing)
 
-    async def _store_request(self, prepared: _Prepared, endpoint: str, scope: trio.CancelScope,
+    async def _store_request(self, prepared: _Prepared, server: ServerStatus, scope: trio.CancelScope,
                              failures: list[ZenowError], generating: trio.Event) -> None:
         """Once the first token came (or the stream ended), count (unless counted) and store the
         request's messages, whatever happens to the stream meanwhile; on failure note it in
@@ -408,7 +416,7 @@ class ChatStreamerActor(Actor):
             try:
                 counts = prepared.counts
                 if counts is None:
-                    counts = await self._count(endpoint, [content for _, content in request.messages])
+                    counts = await self._count(server, [content for _, content in request.messages])
                 for (role, content), count in zip(request.messages, counts, strict=True):
                     await self.store.add_message(request.session_id, role, content, count)
             except ZenowError as exc:
@@ -418,7 +426,7 @@ class ChatStreamerActor(Actor):
             failures.append(ZenowError(f"storing the request's messages took over {STORE_DEADLINE:g} s"))
             scope.cancel()
 
-    async def _stream_upstream(self, endpoint: str, prepared: _Prepared, prompt: list[dict[str, str]],
+    async def _stream_upstream(self, server: ServerStatus, prepared: _Prepared, prompt: list[dict[str, str]],
                                reader: ReplyReader, parts: list[bytes],
                                send: trio.MemorySendChannel[StreamEvent], generating: trio.Event) -> StreamEvent:
         """Forward llama-server's deltas to `send` (whatever arrived in one read as one
@@ -430,8 +438,8 @@ class ChatStreamerActor(Actor):
             **prepared.options,
         }
         try:
-            async with self._http.stream("POST", f"{endpoint}/v1/chat/completions", json=payload,
-                                         headers=_UNCOMPRESSED) as response:
+            async with self._http.stream("POST", f"{server.endpoint}/v1/chat/completions", json=payload,
+                                         headers={**server.auth_headers(), **_UNCOMPRESSED}) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
@@ -439,6 +447,7 @@ class ChatStreamerActor(Actor):
                     frames, literal = reader.feed(data)
                     if frames:
                         generating.set()
+                        metrics.first_delta(parts, prepared.request.received_at)
                         parts.append(literal)
                         await send.send(Delta(frames, literal))
                     if reader.done:
@@ -460,6 +469,7 @@ class ChatStreamerActor(Actor):
         tokens = usage.get("completion_tokens")
         if not isinstance(tokens, int) or tokens < 0:
             tokens = reader.deltas
+        metrics.tokens_generated(tokens)
         try:
             await self.store.add_message(session_id, "assistant", content, tokens)
         except Exception:  # never lose the stream over the save; say so loudly
@@ -509,6 +519,11 @@ class ChatStreamer:
 
     def _ended(self) -> None:
         self._open -= 1
+
+    @property
+    def open_streams(self) -> int:
+        """Chats being answered now."""
+        return self._open
 
     async def open(self, request: ChatRequest) -> ChatStream:
         """Start a reply; the caller must read the stream to its end or `cancel()` it.

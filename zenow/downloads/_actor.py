@@ -65,12 +65,13 @@ from typing import Literal, NoReturn
 import httpx
 import trio
 
-from .. import __version__
+from .. import __version__, metrics
 from ..actor import Actor, ActorRef
-from ..errors import DownloadFailed, DownloadNotFound, InvalidRequest, ZenowError
+from ..errors import DownloadFailed, DownloadNotFound, InvalidModelFile, InvalidRequest, ZenowError
 from ..events import DownloadProgress
+from ..servers import model_details, read_gguf_info
 from ..settings import Settings, is_mode
-from ..store import DownloadRecord, Store
+from ..store import DownloadRecord, ModelDetails, Store
 from . import _files as files
 from ._headers import content_length, parse_content_range
 from ._redact import redact_text, redact_url
@@ -94,6 +95,10 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 #: `error` of a download that was running when zenow stopped.
 INTERRUPTED = "interrupted: zenow stopped"
+#: How the `error` of a download whose file is no model llama-server can load begins.
+NOT_A_MODEL = "not a valid GGUF model file"
+#: ... or of one whose server sent something else than a GGUF file.
+NOT_GGUF = ("not a GGUF file", "the server's response is not a GGUF file")
 
 #: Seconds a final record may take to reach the store when the transfer ends.
 _STORE_WRITE_TIMEOUT = 5.0
@@ -421,8 +426,9 @@ class DownloadActor(Actor):
             raise FileAlreadyExists(existing.path, "is not the file this URL downloaded (its size changed)")
         else:
             raise FileAlreadyExists(existing.path, "was not downloaded from this URL")
+        details = model_details(await trio.to_thread.run_sync(read_gguf_info, existing.path))
         await self._store.register_model(target.mode, target.model_name, str(existing.path), target.shown_url,
-                                         existing.size)
+                                         existing.size, details)
         download = _Download(replace(target, sha256=sha256), "completed", existing.size, existing.size, None)
         await self._store.save_download(download.record())
         self._downloads[target.url] = download
@@ -540,31 +546,37 @@ class DownloadActor(Actor):
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, policy.backoff_max)
 
-        size = await self._verify(download, part)
+        size, details = await self._verify(download, part)
         final = self._final_path(target)
         with trio.CancelScope(shield=True):  # once renamed, the model is registered whatever happens
             await trio.to_thread.run_sync(files.promote, part, final)
             download.downloaded = download.total = size
             try:
-                await self._store.register_model(target.mode, target.model_name, str(final), target.shown_url, size)
+                await self._store.register_model(target.mode, target.model_name, str(final), target.shown_url, size,
+                                                 details)
             except ZenowError as exc:
                 raise _Failure(f"downloaded, but registering the model failed: {exc}") from exc
 
-    async def _verify(self, download: _Download, part: Path) -> int:
-        """The size of the complete `.part` once its size, magic and digest check; else `_Failure`."""
+    async def _verify(self, download: _Download, part: Path) -> tuple[int, ModelDetails]:
+        """The size of the complete `.part` and what its GGUF header says, once its size, header and
+        digest check; else `_Failure`."""
         target = download.target
         size = await trio.to_thread.run_sync(files.file_size, part)
         if download.total is not None and size != download.total:
             raise _Failure(f"size mismatch: got {size} bytes, expected {download.total}", discard_part=True)
         if not await trio.to_thread.run_sync(files.has_gguf_magic, part):
             raise _Failure("not a GGUF file (it does not start with the GGUF magic)", discard_part=True)
+        try:
+            info = await trio.to_thread.run_sync(read_gguf_info, part)
+        except InvalidModelFile as exc:
+            raise _Failure(f"{NOT_A_MODEL}: {str(exc).replace(str(part), part.name)}", discard_part=True) from None
         if target.sha256 is not None:
             kept = download.digest
             digest = (kept.hexdigest() if kept is not None and kept.size == size
                       else await trio.to_thread.run_sync(files.sha256_of, part))
             if digest != target.sha256:
                 raise _Failure(f"sha256 mismatch: expected {target.sha256}, got {digest}", discard_part=True)
-        return size
+        return size, model_details(info)
 
     async def _attempt(self, download: _Download, part: Path) -> None:
         """One HTTP request: continue the `.part` from its size to the end of the body.
@@ -703,6 +715,7 @@ class DownloadActor(Actor):
                 async for chunk in response.aiter_raw():
                     received += len(chunk)
                     download.downloaded += len(chunk)
+                    metrics.download_bytes(download.target.mode, len(chunk))
                     if not magic_checked:
                         head += chunk[:len(files.GGUF_MAGIC)]
                         if len(head) >= len(files.GGUF_MAGIC):
@@ -929,14 +942,16 @@ class Downloads:
     async def fetch(self, url: str, filename: str | None, mode: str, sha256: str | None = None) -> DownloadRecord:
         """Like `start`, then wait for the download to end; return its `completed` record.
 
-        Raises what `start` raises, and `DownloadFailed` with the reason when it ends in
-        `failed`.  Cancelling the caller stops the waiting, not the download.
+        Raises what `start` raises, and, with the reason when it ends in `failed`,
+        `InvalidModelFile` (the file is no GGUF model llama-server can load) or `DownloadFailed`.
+        Cancelling the caller stops the waiting, not the download.
         """
         target = DownloadTarget.check(url, filename, mode, sha256)
         begun = await self._begin(target)
         record = begun.record if begun.outcome is None else await begun.outcome.wait()
         if record.status != "completed":
-            raise DownloadFailed(f"Download of {target.shown_url} failed: {record.error}")
+            refused = InvalidModelFile if (record.error or "").startswith((NOT_A_MODEL, *NOT_GGUF)) else DownloadFailed
+            raise refused(f"Download of {target.shown_url} failed: {record.error}")
         return record
 
     async def status(self, url: str) -> DownloadRecord:

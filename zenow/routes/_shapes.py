@@ -7,13 +7,14 @@ the fuzzer read); the functions turn the actors' records into those shapes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart_schema import document_querystring, document_request, document_response
 
 from ..servers import ServerStatus
-from ..store import MessageInfo, ModelInfo, SessionInfo
+from ..store import MessageInfo, ModelDetails, ModelInfo, SessionInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,12 +77,43 @@ class AddedMessage(BaseModel):
     token_count: int
 
 
+class ModelDetailsShape(BaseModel):
+    """What the model file's GGUF header says (null where it does not say), read at registration."""
+
+    architecture: str | None
+    name: str | None
+    parameter_count: int
+    #: The parameter count to three digits: "135M", "1.54B".
+    parameter_size: str
+    #: `general.file_type` and its name, the quantisation ("Q4_K_M", "F16").
+    file_type: int | None
+    quantization: str | None
+    #: The context the model was trained for, in tokens.
+    context_length: int | None
+    embedding_length: int | None
+    block_count: int | None
+    has_chat_template: bool
+    pooling: str | None
+    #: The modes the header says the model can serve.
+    modes: list[Literal["llm", "embed", "rerank"]]
+    gguf_version: int
+    #: Bytes on disk.
+    file_size: int
+
+
 class Model(BaseModel):
     id: int
     name: str
     path: str
     is_downloaded: bool
     mode: Literal["llm", "embed", "rerank"]
+    #: null for a model registered before zenow read headers (filled in at its next registration).
+    details: ModelDetailsShape | None = None
+
+
+class ModelInfoQuery(BaseModel):
+    model_name: str = Field(min_length=1)
+    mode: Literal["llm", "embed", "rerank"] = "llm"
 
 
 class ModelList(BaseModel):
@@ -95,6 +127,9 @@ class Loaded(BaseModel):
     model_name: str | None
     model_path: str | None
     server_status: str
+    #: When `context_size` is more than the model was trained for (it then runs with less, unless
+    #: `allow_context_overflow` was set).
+    warning: str | None = None
 
 
 class LoadFailed(BaseModel):
@@ -109,6 +144,13 @@ class ServerStatusShape(BaseModel):
     model_path: str | None
     is_running: bool
     error_message: str | None
+    #: Only when the server is `stopped`, why: "idle" (no request for `keep_alive` seconds; the
+    #: next one starts it again) or "shutdown".
+    reason: str | None = None
+    #: Only for a mode served by a remote backend: its URL, and whether token counts come from
+    #: its `/tokenize` or are zenow's estimate.
+    backend_url: str | None = None
+    token_counting: Literal["tokenize", "estimate"] | None = None
 
 
 class Parameters(BaseModel):
@@ -119,6 +161,11 @@ class Parameters(BaseModel):
     threads: int
     gpu_layers: int
     batch_size: int
+    #: The remote backend serving the mode ("": a local llama-server), the model name sent to it
+    #: ("": the first it lists), and whether its key is set (the key itself is never answered).
+    backend_url: str
+    backend_model: str
+    backend_api_key_set: bool
 
 
 class ParameterUpdate(BaseModel):
@@ -129,12 +176,18 @@ class ParameterUpdate(BaseModel):
     threads: int | None = None
     gpu_layers: int | None = None
     batch_size: int | None = None
+    backend_url: str | None = None
+    backend_model: str | None = None
+    #: Write-only: the remote backend's key ("" or null clears it).
+    backend_api_key: str | None = None
 
 
 class Updated(BaseModel):
     success: bool
     message: str
     requires_restart: bool
+    #: When `context_size` is more than the loaded model was trained for.
+    warning: str | None = None
 
 
 class ChatReply(BaseModel):
@@ -225,13 +278,29 @@ def message_json(message: MessageInfo) -> dict[str, Any]:
 
 
 def model_json(model: ModelInfo | None) -> dict[str, Any] | None:
+    """A model as the spec shows it, plus `details`."""
     if model is None:
         return None
     return {"id": model.id, "name": model.name, "path": model.path,
-            "is_downloaded": model.is_downloaded, "mode": model.mode}
+            "is_downloaded": model.is_downloaded, "mode": model.mode, "details": details_json(model.details)}
+
+
+def details_json(details: ModelDetails | None) -> dict[str, Any] | None:
+    if details is None:
+        return None
+    shown = asdict(details)
+    shown["modes"] = list(details.modes)
+    return {"architecture": shown.pop("architecture"), "name": shown.pop("name"),
+            "parameter_count": shown.pop("parameter_count"), "parameter_size": details.parameter_size, **shown}
 
 
 def server_status_json(status: ServerStatus) -> dict[str, Any]:
-    """A mode's status as the spec shows it (section 4)."""
-    return {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
-            "is_running": status.is_running, "error_message": status.error_message}
+    """A mode's status as the spec shows it (section 4), plus `reason` when it is `stopped`; a mode
+    served by a remote backend adds `backend_url` and `token_counting`."""
+    shown = {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
+             "is_running": status.is_running, "error_message": status.error_message}
+    if status.reason is not None:
+        shown["reason"] = status.reason
+    if status.backend_url is not None:
+        shown |= {"backend_url": status.backend_url, "token_counting": status.token_counting}
+    return shown

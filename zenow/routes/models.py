@@ -14,6 +14,7 @@ from ._context import services
 from ._shapes import (
     Loaded,
     Model,
+    ModelInfoQuery,
     ModelList,
     ModeQuery,
     OptionalModeQuery,
@@ -69,6 +70,20 @@ async def list_models() -> dict[str, Any]:
     return {"models": [model_json(m) for m in models], "current_model": model_json(current)}
 
 
+@bp.get("/api/models/info")
+@documented(Model, 404, query=ModelInfoQuery)
+async def model_info() -> dict[str, Any]:
+    """One registered model, with what its GGUF header says (`details`)."""
+    mode = mode_arg()
+    name = request.args.get("model_name")
+    if not name:
+        raise InvalidRequest("model_name: required (the name of a registered model)", param="model_name")
+    model = await services().store.find_model(mode, name)
+    if model is None:
+        raise ModelNotFound(f"Model {name!r} not found for mode {mode}")
+    return model_json(model) or {}
+
+
 @bp.post("/api/models/load")
 @documented(Loaded, 404)
 @validate_request(LoadModel)
@@ -84,13 +99,16 @@ async def load_model(data: LoadModel) -> Response | dict[str, Any]:
         response = jsonify({"detail": exc.detail, "success": False, "message": exc.detail})
         response.status_code = exc.status_code
         return response
-    return {
+    answer = {
         "success": True,
         "message": "Model loaded successfully",
         "model_name": status.model_name,
         "model_path": status.model_path,
         "server_status": status.status,
     }
+    if warning := services().servers[mode].context_warning():
+        answer["warning"] = warning
+    return answer
 
 
 @bp.get("/api/server/status")
@@ -111,7 +129,12 @@ async def get_parameters() -> dict[str, Any]:
 async def update_parameters() -> dict[str, Any]:
     mode = mode_arg()
     changes = await request.get_json()
-    requires_restart = await services().servers[mode].update_parameters(changes)
-    return {"success": True, "message": "Parameters updated successfully", "requires_restart": requires_restart}
+    server = services().servers[mode]
+    requires_restart = await server.update_parameters(changes)
+    answer: dict[str, Any] = {"success": True, "message": "Parameters updated successfully",
+                              "requires_restart": requires_restart}
+    if isinstance(changes, dict) and "context_size" in changes and (warning := server.context_warning()):
+        answer["warning"] = warning
+    return answer
 
 

@@ -41,7 +41,8 @@ class CreateSession(_Body):
 
 class RenameSession(_Body):
     #: Whitespace is collapsed; what is left must not be empty nor longer than RENAME_MAX.
-    new_name: str = Field(pattern=r"\S", json_schema_extra={"maxLength": RENAME_MAX})
+    # a character that is not whitespace to Python's str.split() either (it also splits on \x1c-\x1f)
+    new_name: str = Field(pattern=r"[^\s\x1c-\x1f]", json_schema_extra={"maxLength": RENAME_MAX})
 
 
 class AddMessage(_Body):

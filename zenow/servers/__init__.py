@@ -1,7 +1,8 @@
 """Server actors: one per mode (llm, embed, rerank), each owning one llama-server child.
 
-Also the GGUF header reader (`read_gguf_info`, `GGUFInfo`, `has_gguf_magic`): what a
-model file says about itself, and whether llama-server can read it.
+Also the GGUF header reader (`read_gguf_info`, `GGUFInfo`, `has_gguf_magic`, `model_details`,
+`mode_problem`): what a model file says about itself, whether llama-server can read it, and
+which modes it can serve.
 """
 
 from ._actor import ServerActor as ServerActor
@@ -17,6 +18,9 @@ from ._gate import ModelGate as ModelGate
 from ._gguf import GGUF_MAGIC as GGUF_MAGIC
 from ._gguf import GGUFInfo as GGUFInfo
 from ._gguf import has_gguf_magic as has_gguf_magic
+from ._gguf import mode_problem as mode_problem
+from ._gguf import model_details as model_details
 from ._gguf import read_gguf_info as read_gguf_info
+from ._idle import Activity as Activity
 from ._keys import child_auth as child_auth
 from ._params import SERVER_KEYS as SERVER_KEYS

@@ -20,6 +20,10 @@ A load never costs the mode the model it serves unless the new one runs: a file
 whose header is broken, or that would not fit in memory, is refused before the
 running child is touched; a file llama-server fails to start gets the previous
 model started again, and is not made the mode's current model.
+
+A mode whose `backend_url` parameter is set runs no child: a `RemoteMonitor` (`_remote`)
+health-checks that backend and the actor publishes what it finds; clearing the URL
+starts the mode's current model locally again.
 """
 
 from __future__ import annotations
@@ -31,31 +35,48 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import trio
 
+from .. import metrics
 from ..actor import Actor, ActorRef
-from ..errors import InvalidModelFile, InvalidRequest, ModelNotFound, ServerStartFailed, ZenowError
+from ..errors import (
+    BackendInUse,
+    BackendUnavailable,
+    InvalidModelFile,
+    InvalidRequest,
+    ModelNotFound,
+    ServerNotRunning,
+    ServerStartFailed,
+    StoreError,
+    ZenowError,
+)
 from ..events import EventHub, ParametersChanged, ServerStatusEvent
 from ..settings import Mode, Settings
 from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
-from ._gguf import GGUFInfo, read_gguf_info
+from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
+from ._idle import IDLE, Activity, idle_expired, watch_idle
 from ._keys import child_auth, forget_key, new_key
 from ._params import (
+    BACKEND_KEYS,
     SERVER_KEYS,
     Bounds,
+    ParameterUpdate,
+    context_warning,
     defaults_for,
     effective_context,
     restore_stored,
     validate_update,
 )
 from ._reason import failure_reason
+from ._remote import KEY_SET_PARAM, Backend, BackendKeys, RemoteMonitor, RemoteState, split_key_change
 from ._spawn import spawn_owned, terminate, wait_exit
 
 if TYPE_CHECKING:  # a type only: downloads must stay importable from anywhere servers is
@@ -71,6 +92,8 @@ MAX_FAST_FAILURES = 5
 STABLE_AFTER = 60.0
 BACKOFF_MAX = 30.0
 TAIL_LINES = 40
+#: How long an exited child's last output may take to be read before its exit is reported.
+DRAIN_AFTER_EXIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,26 @@ class ServerStatus:
     #: The context (tokens) the running child was started with: `context_size`, or less when
     #: the model was trained for less (see `_params`); not part of the spec's shape.
     context_size: int | None = None
+    #: Why it is `stopped`: "idle" (after `keep_alive` seconds without a request; the next one
+    #: starts it again) or "shutdown"; None otherwise.
+    reason: str | None = None
+    #: The remote backend serving the mode (`backend_url`), or None for a local child.
+    backend_url: str | None = None
+    #: How the server counts tokens: its own `/tokenize`, or zenow's estimate (a backend without one).
+    token_counting: Literal["tokenize", "estimate"] = "tokenize"
+    #: The `Authorization` header requests to `endpoint` carry; never shown, logged or published.
+    authorization: str | None = field(default=None, repr=False, compare=False)
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers every request to `endpoint` must carry (its key)."""
+        return {"Authorization": self.authorization} if self.authorization else {}
+
+    def not_running(self, message: str) -> ServerNotRunning:
+        """The error for a request this server cannot serve now: `message`, or for a remote
+        backend why it does not answer (`BackendUnavailable`, 503)."""
+        if self.backend_url is None:
+            return ServerNotRunning(message)
+        return BackendUnavailable(self.error_message or f"backend {self.backend_url} is {self.status}")
 
     @property
     def is_running(self) -> bool:
@@ -100,12 +143,20 @@ class ServerBoard:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: What the header of the model the mode runs (or last tried to run) says.
     model_info: GGUFInfo | None = None
+    #: Whether `context_size` may exceed what that model was trained for (`allow_context_overflow`).
+    context_overflow: bool = False
     #: Where each status is announced (set by the server actor), and the mode it is of.
     events: EventHub | None = None
     mode: str = ""
+    #: What uses the server (written by the requests through the gate; see `_idle`).
+    activity: Activity = field(default_factory=Activity)
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
+        if status.status == "running":
+            self.activity.touch()  # a start (a load, a wake, a restart) resets the idle timer
+        else:
+            self.activity.notify()
         if self.events is not None:
             self.events.publish(ServerStatusEvent.of(self.mode, status))
 
@@ -135,7 +186,11 @@ class _Child:
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Set when everything the child printed is in `tail` (its output reached its end).
+    drained: trio.Event = field(default_factory=trio.Event)
     running_since: float | None = None
+    #: The child's API key (given to it in its environment).
+    key: str = field(default="", repr=False)
 
     def reason(self) -> str:
         """Why it failed, from the last lines it printed ("" when it printed nothing)."""
@@ -177,17 +232,26 @@ class ServerActor(Actor):
         self._params: dict[str, Any] = {}
         self._context_overflow = False
         self._log_path = settings.logs_dir / f"llama-server-{mode}.log"
+        #: The remote backend's monitor while `backend_url` is set (then no child runs).
+        self._remote: RemoteMonitor | None = None
+        self._backend_keys = BackendKeys(settings.home / "secrets")
+        self._backend_key: str | None = None
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False, auth=child_auth())
 
     # ------------------------------------------------------------ lifecycle
 
     async def setup(self) -> None:
+        self.nursery.start_soon(
+            watch_idle, self.board.activity, lambda: float(self._params.get("keep_alive", -1)),
+            self._idle_stoppable, partial(self.self_ref.tell, ServerActor._stop_idle))
         await self._restore_parameters()
         await self._register_folder()
         current = await self.store.current_model(self.mode)
         if current is None and self.mode == "llm" and self.settings.default_llm is not None:
             current = await self._register_default(self.settings.default_llm)
-        if current is not None:
+        if self._params["backend_url"]:
+            self._use_backend()
+        elif current is not None:
             self.board.publish(ServerStatus("starting", current.name, current.path))
             self.nursery.start_soon(self._check_then, ServerActor._boot, self._generation, current, 0.0)
         else:
@@ -197,7 +261,8 @@ class ServerActor(Actor):
         # The child's own task terminates and reaps it when the nursery is cancelled.
         await self._http.aclose()
         if self.board.status.status in ("starting", "running"):
-            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None))
+            self.board.publish(replace(self.board.status, status="stopped", endpoint=None, context_size=None,
+                                       reason="shutdown"))
 
     async def _restore_parameters(self) -> None:
         """The stored parameters, each checked as an update would be; a bad one is logged and
@@ -212,15 +277,28 @@ class ServerActor(Actor):
         for problem in problems:
             log.warning("%s parameters: %s", self.mode, problem)
         self._params, self._context_overflow = params, overflow
-        self.board.parameters = dict(params)
+        self._backend_key = await self._backend_keys.read(self.mode)
+        self.board.parameters, self.board.context_overflow = self._shown_parameters(), overflow
 
     async def _register_folder(self) -> None:
+        """Register the GGUF files in this mode's folder, each with what its header says; a file
+        whose header does not read is refused (logged), one already registered unchanged is not read."""
         folder = self.settings.mode_dir(self.mode)
         files = await trio.to_thread.run_sync(
             lambda: sorted((p, p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file())
         )
+        known = {m.path: m for m in await self.store.list_models(self.mode)}
         for path, size in files:
-            await self.store.register_model(self.mode, path.stem, str(path), None, size)
+            same = known.get(str(path))
+            if same is not None and same.details is not None and same.size == size:
+                details = same.details
+            else:
+                try:
+                    details = model_details(await trio.to_thread.run_sync(read_gguf_info, path))
+                except InvalidModelFile as exc:
+                    log.warning("%s: not registering %s: %s", self.mode, path.name, exc)
+                    continue
+            await self.store.register_model(self.mode, path.stem, str(path), None, size, details)
 
     async def _register_default(self, path: Path) -> ModelInfo | None:
         try:
@@ -228,8 +306,12 @@ class ServerActor(Actor):
         except ZenowError as exc:
             log.error("--default-llm: %s", exc)
             return None
+        if problem := mode_problem(info, "llm"):
+            log.error("--default-llm: %s cannot chat: %s", path, problem)
+            return None
         resolved = await trio.to_thread.run_sync(path.resolve)
-        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size)
+        model = await self.store.register_model("llm", path.stem, str(resolved), None, info.file_size,
+                                                model_details(info))
         await self.store.set_current_model("llm", model.id)
         log.info("registered %s as the default llm model", path)
         return model
@@ -239,11 +321,14 @@ class ServerActor(Actor):
     async def load(self, model: ModelInfo, info: GGUFInfo) -> ServerStatus:
         """Make `model` (whose header said `info`) the running model of this mode.
 
-        Raises `InvalidRequest` when it would not fit in memory (nothing changed), or
+        Raises `BackendInUse` while a remote backend serves the mode, `InvalidRequest`
+        when it would not fit in memory (nothing changed), or
         `ServerStartFailed` when llama-server did not come up with it; then the model
         that ran before runs again (the error says so), or, when none ran, the mode
         reports why in its status.  Either way `model` is not made current.
         """
+        if self._remote is not None:
+            raise _backend_in_use(self.mode, self._params["backend_url"])
         current = self.board.status
         if current.status == "running" and current.model_path == model.path:
             await self.store.set_current_model(self.mode, model.id)
@@ -254,27 +339,47 @@ class ServerActor(Actor):
     async def update_parameters(self, changes: dict[str, Any]) -> bool:
         """Apply a partial update; restart a live server if a server parameter changed.
 
-        Returns whether a server parameter changed (`requires_restart`).  Raises
-        `InvalidRequest` naming the bad keys, or saying the model would not fit in
-        memory with them; then nothing changed.
+        Returns whether a server parameter changed (`requires_restart`); a change of the
+        backend (`backend_url`, `backend_model`, `backend_api_key`) switches the mode to it,
+        or back to its local child.  Raises `InvalidRequest` naming the bad keys, or saying
+        the model would not fit in memory with them; then nothing changed.
         """
-        update = validate_update(self.mode, self._params, changes, self._bounds(), self._context_overflow)
+        rest, key_change = split_key_change(changes)
+        if key_change is not None and not rest:  # only the key
+            update = ParameterUpdate(dict(self._params), {}, self._context_overflow)
+        else:
+            update = validate_update(self.mode, self._params, rest, self._bounds(), self._context_overflow)
         changed = {k for k in update.parameters if update.parameters[k] != self._params.get(k)}
-        requires_restart = bool(changed & SERVER_KEYS) or update.context_overflow != self._context_overflow
+        new_key = key_change is not None and key_change.key != self._backend_key
+        backend_changed = bool(changed & BACKEND_KEYS) or (new_key and bool(update.parameters["backend_url"]))
+        if update.parameters["backend_url"]:  # no child to restart: only a change of backend counts
+            requires_restart = backend_changed
+        else:
+            requires_restart = (backend_changed or bool(changed & SERVER_KEYS)
+                                or update.context_overflow != self._context_overflow)
         # the model that runs, or that failed with the old parameters (a fix may let it start)
         child = self._child
         model = child.model if child is not None else self._model if self.board.status.status == "error" else None
-        restart = requires_restart and model is not None and self.board.status.status in (
+        restart = requires_restart and not backend_changed and model is not None and self.board.status.status in (
             "starting", "running", "error")
         if restart and model is not None:
             n_ctx = effective_context(update.parameters["context_size"], model.info.context_length,
                                       update.context_overflow)
             await self._check_memory(model, n_ctx, param="context_size")
-        await self.store.set_parameters(self.mode, update.stored)
+        if key_change is not None:
+            try:
+                await self._backend_keys.write(self.mode, key_change.key)
+            except OSError as exc:
+                raise StoreError(f"backend_api_key: could not be stored: {exc.strerror or exc}") from None
+            self._backend_key = key_change.key
+        if update.stored:
+            await self.store.set_parameters(self.mode, update.stored)
         self._params, self._context_overflow = update.parameters, update.context_overflow
-        self.board.parameters = dict(update.parameters)
-        self.store.events.publish(ParametersChanged(mode=self.mode, parameters=dict(update.parameters),
+        self.board.parameters, self.board.context_overflow = self._shown_parameters(), update.context_overflow
+        self.store.events.publish(ParametersChanged(mode=self.mode, parameters=self._shown_parameters(),
                                                     requires_restart=requires_restart))
+        if backend_changed:
+            await self._apply_backend()
         if restart and model is not None:
             try:
                 await self._switch_to(model, fall_back=False)
@@ -300,6 +405,7 @@ class ServerActor(Actor):
         if reason := child.reason():
             message += f": {reason}"
         log.error("%s: %s", self.mode, message)
+        metrics.server_crashed(self.mode)
         self._child = None
         self._fail(child.model.record, message)
         self._schedule_retry(child.model.record, child.running_since)
@@ -307,10 +413,37 @@ class ServerActor(Actor):
     async def _retry(self, generation: int, model: ModelInfo, info: GGUFInfo) -> None:
         if generation != self._generation:
             return  # a load or parameter change happened meanwhile
+        metrics.server_restarting(self.mode)
         try:
             await self._start(_Model(model, info))
         except ServerStartFailed:
             self._schedule_retry(model, None)
+
+    async def wake(self) -> ServerStatus:
+        """Start the mode's model again after an idle stop (see `_idle`); the status once it runs.
+
+        Raises `ServerStartFailed` (the status then says why).  Any other state is answered as it is.
+        """
+        status = self.board.status
+        if status.status == "stopped" and status.reason == IDLE and self._model is not None and self._child is None:
+            log.info("%s: starting %s again for a request", self.mode, self._model.name)
+            await self._start(self._model)
+        return self.board.status
+
+    def _idle_stoppable(self) -> bool:
+        """Whether a local child runs that idleness may stop (a remote backend is not zenow's to stop)."""
+        return self.board.status.status == "running" and self._remote is None
+
+    async def _stop_idle(self) -> None:
+        """Stop the child after `keep_alive` seconds without a request; the model stays the mode's."""
+        status = self.board.status
+        if not self._idle_stoppable() or not idle_expired(self.board.activity, float(self._params["keep_alive"])):
+            return
+        log.info("%s: %s idle for %s s: stopping it", self.mode, status.model_name, self._params["keep_alive"])
+        # `stopped` before the child stops: a request arriving meanwhile wakes it, never leases a dying one
+        self.board.publish(replace(status, status="stopped", endpoint=None, context_size=None, reason=IDLE))
+        await self._stop_child()
+        metrics.server_idle_stopped(self.mode)
 
     async def _refused(self, generation: int, model: ModelInfo, message: str) -> None:
         """The file of a model to (re)start failed its check: retrying cannot help."""
@@ -318,6 +451,47 @@ class ServerActor(Actor):
             log.error("%s: %s", self.mode, message)
             self._fail(model, message)
 
+
+    # ------------------------------------------------------------ a remote backend
+
+    def _shown_parameters(self) -> dict[str, Any]:
+        """The parameters as get_param answers them: the backend's key only as whether one is set."""
+        return {**self._params, KEY_SET_PARAM: self._backend_key is not None}
+
+    async def _apply_backend(self) -> None:
+        """Serve the mode from `backend_url` (a new monitor), or, once it is cleared, start
+        its current model locally again."""
+        if self._remote is not None:
+            self._remote.stop()
+            self._remote = None
+        self._generation += 1  # a boot or a restart of a local child still pending is void
+        if self._params["backend_url"]:
+            await self._stop_child()
+            self._use_backend()
+            return
+        current = await self.store.current_model(self.mode)
+        if current is None:
+            self.board.publish(ServerStatus())
+            return
+        self._failures.clear()
+        self.board.publish(ServerStatus("starting", current.name, current.path))
+        self.nursery.start_soon(self._check_then, ServerActor._boot, self._generation, current, 0.0)
+
+    def _use_backend(self) -> None:
+        backend = Backend(self._params["backend_url"], self._params["backend_model"], self._backend_key)
+        log.info("%s: served by the backend %s", self.mode, backend.url)
+        self._remote = RemoteMonitor(backend, lambda state: self._publish_remote(backend, state),
+                                     self.settings.backend_check_interval)
+        self.nursery.start_soon(self._remote.run)
+
+    def _publish_remote(self, backend: Backend, state: RemoteState) -> None:
+        running = state.status == "running"
+        self.board.publish(ServerStatus(
+            state.status, state.model_name, backend.url, state.error_message,
+            endpoint=backend.url if running else None, context_size=state.context_size,
+            backend_url=backend.url, token_counting="tokenize" if state.tokenize else "estimate",
+            authorization=backend.authorization,
+        ))
 
     # ------------------------------------------------------------ internals
 
@@ -425,7 +599,7 @@ class ServerActor(Actor):
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
-            "-b", str(p["batch_size"]), "--no-webui",
+            "-b", str(p["batch_size"]), "--no-webui", "--metrics",
         ]
         if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
             argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
@@ -468,14 +642,18 @@ class ServerActor(Actor):
             message = f"Failed to start llama-server: {exc.strerror or exc}"
             self._fail(record, message)
             raise ServerStartFailed(message) from exc
+        metrics.server_starting(self.mode)
+        spawned = trio.current_time()
         failure = await self._wait_healthy(child, self._start_timeout(model.info.file_size))
         if failure is not None:
             await self._stop_child()
             self._fail(record, failure)
             raise ServerStartFailed(failure)
         child.running_since = trio.current_time()
+        metrics.server_started(self.mode, child.running_since - spawned)
         endpoint = f"http://127.0.0.1:{child.port}"
-        self.board.publish(ServerStatus("running", record.name, record.path, None, endpoint, n_ctx))
+        self.board.publish(ServerStatus("running", record.name, record.path, None, endpoint, n_ctx,
+                                        authorization=f"Bearer {child.key}"))
         log.info("%s: %s running on %s", self.mode, record.name, endpoint)
 
     async def _wait_healthy(self, child: _Child, timeout: float) -> str | None:
@@ -504,7 +682,7 @@ class ServerActor(Actor):
         read_fd, write_fd = os.pipe()
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "LLAMA_API_KEY"))}
-            env["LLAMA_API_KEY"] = new_key(child.port)  # in the environment: `ps` shows no key
+            env["LLAMA_API_KEY"] = child.key = new_key(child.port)  # in the environment: `ps` shows no key
             process = await spawn_owned(argv, env=env, output_fd=write_fd)
         except BaseException:
             os.close(read_fd)
@@ -520,6 +698,9 @@ class ServerActor(Actor):
                     nursery.start_soon(self._drain, child, output)
                     task_status.started()
                     child.exit_code = await wait_exit(process)
+                    # its last lines are why it exited: read them before saying it did
+                    with trio.move_on_after(DRAIN_AFTER_EXIT):
+                        await child.drained.wait()
                     child.exited.set()
         finally:
             with trio.CancelScope(shield=True):
@@ -552,6 +733,9 @@ class ServerActor(Actor):
                 child.tail.extend(line.decode(errors="replace").rstrip() for line in lines if line.strip())
                 if len(pending) > 65536:
                     pending = pending[-4096:]
+            if pending.strip():  # a last line without its newline
+                child.tail.append(pending.decode(errors="replace").rstrip())
+            child.drained.set()
         finally:
             if log_file is not None:
                 with trio.CancelScope(shield=True):
@@ -580,6 +764,8 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
 
 
+#: Seconds a llama-server gets to answer a scrape of its figures.
+METRICS_TIMEOUT = 2.0
 #: Seconds an RPC worker gets to accept a connection before a start fails naming it.
 WORKER_CONNECT_TIMEOUT = 2.0
 
@@ -604,6 +790,11 @@ async def _check_workers(workers: list[str]) -> None:
             ) from None
 
 
+def _backend_in_use(mode: Mode, url: str) -> BackendInUse:
+    return BackendInUse(f"The {mode} mode is served by {url} (backend_url); "
+                        'set backend_url to "" to load a local model')
+
+
 class ServerHandle:
     """What other code holds for one mode's server.
 
@@ -620,6 +811,8 @@ class ServerHandle:
         self._http = http
         self._store = store
         self._downloads = downloads
+        #: Set while a request starts the model again after an idle stop; the others wait for it.
+        self._waking: trio.Event | None = None
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
@@ -633,6 +826,44 @@ class ServerHandle:
         """What the GGUF header of the model this mode runs (or last tried to run) says; None before any."""
         return self._board.model_info
 
+    @property
+    def activity(self) -> Activity:
+        """What uses this mode's server (the gate counts its leases here)."""
+        return self._board.activity
+
+    def asleep(self) -> bool:
+        """Whether the mode's model was stopped for idleness, or is being started again after that."""
+        status = self._board.status
+        return self._waking is not None or (status.status == "stopped" and status.reason == IDLE)
+
+    async def wake(self) -> ServerStatus:
+        """The status, after starting the mode's model again if it was stopped for idleness, or
+        waiting for the start another request began (so concurrent requests all wait for one
+        start).  Raises `ServerStartFailed`."""
+        if self._waking is not None:
+            await self._waking.wait()
+            return self._board.status
+        if not self.asleep():
+            return self._board.status
+        self._board.activity.touch()
+        waking = self._waking = trio.Event()
+        try:
+            status = await self._ref.call(ServerActor.wake)
+        finally:
+            self._waking = None
+            waking.set()
+        if status.status == "stopped":
+            raise ServerStartFailed(f"The {self.mode} model {status.model_name!r} did not start again")
+        return status
+
+    def context_warning(self) -> str | None:
+        """What to tell a client when `context_size` is more than the mode's model was trained for."""
+        info, status = self._board.model_info, self._board.status
+        if info is None or status.model_name is None:
+            return None
+        return context_warning(status.model_name, int(self._board.parameters["context_size"]),
+                               info.context_length, self._board.context_overflow)
+
     async def load(self, model_name: str, download_url: str | None) -> ServerStatus:
         """Make `model_name` the running model of this mode, downloading it first if needed.
 
@@ -640,12 +871,15 @@ class ServerHandle:
         only then is the actor asked to switch (see `ServerActor.load`), so the mode's
         status, crashes and parameter updates are served during a download.
 
-        Raises `ModelNotFound` (unknown name and no URL), `InvalidModelFile` (no file,
+        Raises `BackendInUse` (a remote backend serves the mode: before any download),
+        `ModelNotFound` (unknown name and no URL), `InvalidModelFile` (no file,
         or not a GGUF file llama-server can read: nothing was touched), `InvalidRequest`
         (a bad URL, or the model would not fit in memory), `DownloadFailed`, or
         `ServerStartFailed`.  Cancelling the call stops waiting for a download, not
         the download; once the actor was asked, the switch completes all the same.
         """
+        if backend_url := self._board.parameters.get("backend_url"):
+            raise _backend_in_use(self.mode, backend_url)
         store, downloads = self._store, self._downloads
         model = await store.find_model(self.mode, model_name)
         if model is None or not model.is_downloaded:
@@ -664,20 +898,44 @@ class ServerHandle:
             if model is None:
                 raise ServerStartFailed(f"Model {model_name!r} was downloaded but is not registered")
         info = await trio.to_thread.run_sync(read_gguf_info, Path(model.path))
-        return await self._ref.call(ServerActor.load, model, info)
+        if problem := mode_problem(info, self.mode):
+            raise InvalidModelFile(f"{model_name} cannot be loaded as {self.mode}: {problem}", param="model_name")
+        try:
+            return await self._ref.call(ServerActor.load, model, info)
+        finally:
+            self._board.activity.touch()  # a load resets the idle timer, even of a model already running
 
     async def update_parameters(self, changes: dict[str, Any]) -> bool:
-        """See `ServerActor.update_parameters`."""
-        return await self._ref.call(ServerActor.update_parameters, changes)
+        """See `ServerActor.update_parameters`; a change resets the idle timer."""
+        try:
+            return await self._ref.call(ServerActor.update_parameters, changes)
+        finally:
+            self._board.activity.touch()
+
+    async def server_metrics(self) -> str | None:
+        """The running llama-server's own figures (`/metrics`: it starts with `--metrics`), or None
+        when nothing runs here (a remote backend's figures are its own) or it did not answer.
+        Not a request for the idle timer."""
+        status = self._board.status
+        endpoint = status.endpoint
+        if endpoint is None or status.backend_url is not None:
+            return None
+        try:
+            response = await self._http.get(f"{endpoint}/metrics", timeout=METRICS_TIMEOUT)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        return response.text
 
     async def tokenize_count(self, text: str) -> int | None:
         """Count `text` in the running model's tokens (llama-server /tokenize), or None
         when no model is running or it did not answer."""
-        endpoint = self._board.status.endpoint
-        if endpoint is None:
+        status = self._board.status
+        if status.endpoint is None or status.token_counting != "tokenize":
             return None
         try:
-            response = await self._http.post(f"{endpoint}/tokenize", json={"content": text})
+            response = await self._http.post(f"{status.endpoint}/tokenize", json={"content": text},
+                                             headers=status.auth_headers())
             response.raise_for_status()
             return len(response.json()["tokens"])
         except (httpx.HTTPError, KeyError, TypeError, ValueError):

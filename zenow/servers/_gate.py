@@ -10,6 +10,10 @@ one `/v1` request never cuts another by switching the model under it.
 `/api/chat` streams take a lease too, so a `/v1` request naming another llm model
 waits for them and never cuts a chat.  (`POST /api/models/load` switches at once, as the
 spec's load always has.)
+
+Leases are the mode's activity (`_idle`): while one is held the server is never stopped
+for idleness, and a request that finds the server stopped for idleness starts the same
+model again (`ServerHandle.wake`) and waits for it before taking its lease.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class ModelGate:
     async def enter(self, wanted: str | None) -> tuple[ServerStatus, Lease]:
         """A lease on `wanted` running (or on whatever runs, when None), and its status.
 
-        Loads `wanted` first when another model runs.  Raises `ModelNotLoaded` (nothing
+        Loads `wanted` first when another model runs, and starts the model again when it
+        was stopped for idleness.  Raises `ModelNotLoaded` (nothing
         runs and nothing was named), `ModelBusy` (the switch waited `switch_wait` seconds
         for requests in flight), `ModelLoadFailed`, or what `ServerHandle.load` raises
         (`ModelNotFound`, `InvalidModelFile`).  Cancelling it takes no lease; a load it
@@ -71,6 +76,9 @@ class ModelGate:
                 await self._switch_done.wait()
                 continue
             status = self._server.status()
+            if wanted in (None, status.model_name) and self._server.asleep():
+                await self._server.wake()  # stopped for idleness: start it again (or wait for that), look again
+                continue
             if wanted is None:
                 if status.endpoint is None:
                     raise ModelNotLoaded(
@@ -107,9 +115,11 @@ class ModelGate:
         if self._leases == 0:
             self._idle = trio.Event()
         self._leases += 1
+        self._server.activity.begin()
         return Lease(self)
 
     def _released(self) -> None:
         self._leases -= 1
+        self._server.activity.end()
         if self._leases == 0:
             self._idle.set()

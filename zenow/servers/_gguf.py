@@ -7,6 +7,11 @@ file), without reading any tensor data, and answers a `GGUFInfo`, or raises
 `InvalidModelFile` saying what is wrong.  It is blocking: call it through
 `trio.to_thread`.
 
+`model_details(info)` is what zenow stores with a registered model and shows in
+`/api/models/list` and `/api/models/info`; `mode_problem(info, mode)` says why a model
+cannot serve a mode (an encoder-only BERT cannot generate text, a model without a
+classifier head cannot score documents), from the header alone.
+
 A hostile header cannot make it allocate much or loop for long: values it does not
 keep are skipped, not read; every length is checked against the bytes left in the
 file before anything is skipped or read; and the counts of keys, tensors, array
@@ -31,12 +36,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InvalidModelFile
+from ..settings import MODES
+from ..store import ModelDetails
 
 __all__ = [
+    "ENCODER_ARCHITECTURES",
+    "FILE_TYPE_NAMES",
     "GGUF_MAGIC",
+    "POOLING_NAMES",
     "GGUFInfo",
     "has_gguf_magic",
+    "mode_problem",
+    "model_details",
     "read_gguf_info",
+    "serves",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -86,6 +99,28 @@ _ARCH_INTEGERS = (
     "attention.key_length", "attention.value_length", "pooling_type",
 )
 _MAX_KEPT_ARRAY = 4096
+#: `<arch>.<suffix>` boolean keys kept for `GGUFInfo`.
+_ARCH_BOOLEANS = ("attention.causal",)
+#: Tensors of a classifier head (llama.cpp's LLM_TENSOR_CLS and LLM_TENSOR_CLS_OUT): what a reranker
+#: turns its pooled output into a relevance score with.
+CLASSIFIER_TENSORS = frozenset({b"cls.weight", b"cls.output.weight"})
+
+#: `general.file_type`: llama.cpp's LLAMA_FTYPE names (llama.h), without their MOSTLY_ prefix.
+FILE_TYPE_NAMES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0", 41: "Q2_0",
+}
+#: `<arch>.pooling_type`: llama.cpp's LLAMA_POOLING_TYPE names.
+POOLING_NAMES: dict[int, str] = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+#: Architectures llama.cpp runs as encoders only (llama-arch.cpp): they embed text, or score it
+#: with a classifier head, but cannot generate it.
+ENCODER_ARCHITECTURES = frozenset({
+    "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2", "jina-bert-v3",
+    "eurobert", "t5encoder",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +153,21 @@ class GGUFInfo:
     has_chat_template: bool
     #: Total elements of all tensors.
     parameter_count: int
+    #: `<arch>.attention.causal` (llama.cpp assumes true when absent; encoders set it false).
+    causal: bool | None = None
+    #: Whether the file has a classifier head (`cls.weight` or `cls.output.weight`): a reranker's.
+    has_classifier_head: bool = False
+
+    @property
+    def quantization(self) -> str | None:
+        """The file type's name (`Q4_K_M`, `F16`, ...), None when the header does not say or
+        names a type this zenow does not know."""
+        return FILE_TYPE_NAMES.get(self.file_type) if self.file_type is not None else None
+
+    @property
+    def pooling(self) -> str | None:
+        """The pooling type's name (`mean`, `rank`, ...), None when the header does not say."""
+        return POOLING_NAMES.get(self.pooling_type) if self.pooling_type is not None else None
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """Bytes of an f16 KV cache for `n_ctx` tokens (0 when the header lacks the shape):
@@ -183,6 +233,7 @@ class _Header:
         self._size = size
         self._pos = len(GGUF_MAGIC)
         self._strings_walked = 0
+        self._classifier_head = False
 
     # ------------------------------------------------------------ primitives
 
@@ -257,12 +308,13 @@ class _Header:
         keys: set[str] = set()
         strings: dict[str, str] = {}
         integers: dict[str, int] = {}
+        booleans: dict[str, bool] = {}
         for i in range(kv_count):
             key = self._string(f"the name of key/value pair {i}", MAX_KEY_BYTES)
             if key in keys:
                 raise _Broken(f"the key {key!r} appears twice")
             keys.add(key)
-            self._value(key, strings, integers)
+            self._value(key, strings, integers, booleans)
 
         alignment = integers.get("general.alignment", DEFAULT_ALIGNMENT)
         if "general.alignment" in keys and (alignment <= 0 or alignment & (alignment - 1)):
@@ -297,10 +349,11 @@ class _Header:
             head_count_kv=arch_int("attention.head_count_kv"), key_length=arch_int("attention.key_length"),
             value_length=arch_int("attention.value_length"), file_type=integers.get("general.file_type"),
             pooling_type=arch_int("pooling_type"), has_chat_template="tokenizer.chat_template" in keys,
-            parameter_count=parameters,
+            parameter_count=parameters, causal=booleans.get(f"{arch}.attention.causal") if arch else None,
+            has_classifier_head=self._classifier_head,
         )
 
-    def _value(self, key: str, strings: dict[str, str], integers: dict[str, int]) -> None:
+    def _value(self, key: str, strings: dict[str, str], integers: dict[str, int], booleans: dict[str, bool]) -> None:
         what = f"the value of {key!r}"
         vtype = self._u32(f"the type of {key!r}")
         kept_int = key in ("general.alignment", "general.file_type") or key.endswith(_ARCH_INTEGERS)
@@ -308,6 +361,8 @@ class _Header:
             value = self._scalar(vtype, what)
             if kept_int and vtype in _INTEGERS:
                 integers[key] = int(value)
+            elif vtype == _BOOL and key.endswith(_ARCH_BOOLEANS):
+                booleans[key] = bool(value)
         elif vtype == _STRING:
             if key in ("general.architecture", "general.name"):
                 strings[key] = self._kept_string(what)
@@ -355,6 +410,7 @@ class _Header:
             if raw_name in names:
                 raise _Broken(f"the tensor {name!r} appears twice")
             names.add(raw_name)
+            self._classifier_head |= raw_name in CLASSIFIER_TENSORS
             n_dims = self._u32(f"the dimension count of tensor {name!r}")
             if n_dims > MAX_DIMS:
                 raise _Broken(f"tensor {name!r} has {n_dims} dimensions, more than {MAX_DIMS}")
@@ -394,3 +450,51 @@ class _Header:
 def _type_name(vtype: int) -> str:
     return _TYPE_NAMES[vtype] if 0 <= vtype < len(_TYPE_NAMES) else f"type {vtype}"
 
+
+# ---------------------------------------------------------------- what the header says a model is
+
+
+def mode_problem(info: GGUFInfo, mode: str) -> str | None:
+    """Why the model `info` describes cannot serve `mode`, from its header alone; None when it can.
+
+    `llm` needs a model that generates text: not an encoder-only architecture, nor one whose
+    header says its attention is not causal.  `rerank` needs a classifier head to turn a
+    query and a document into a score.  Every model can embed.  The answer names the modes
+    the model can serve instead.
+    """
+    why = _why_not(info, mode)
+    if why is None:
+        return None
+    others = [m for m in MODES if m != mode and _why_not(info, m) is None]
+    return f"{why}; load it as {' or '.join(others)}" if others else why
+
+
+def serves(info: GGUFInfo) -> tuple[str, ...]:
+    """The modes the model `info` describes can serve, by its header."""
+    return tuple(m for m in MODES if _why_not(info, m) is None)
+
+
+def _why_not(info: GGUFInfo, mode: str) -> str | None:
+    arch = info.architecture or "unknown"
+    if mode == "llm":
+        if info.architecture in ENCODER_ARCHITECTURES:
+            return f"its architecture is {arch}, an encoder-only model: it can embed text but not generate it"
+        if info.causal is False:
+            return (f"its header sets {arch}.attention.causal to false (it attends both ways, as an encoder): "
+                    "it can embed text but not generate it")
+    if mode == "rerank" and not info.has_classifier_head:
+        pooling = f"its pooling type is {info.pooling}" if info.pooling else f"it sets no {arch}.pooling_type"
+        return (f"its header has no classifier head (no cls.weight or cls.output.weight tensor; {pooling}), "
+                "so it cannot score documents")
+    return None
+
+
+def model_details(info: GGUFInfo) -> ModelDetails:
+    """What zenow stores and shows about a model file: the header's facts and the modes it can serve."""
+    return ModelDetails(
+        architecture=info.architecture, name=info.name, parameter_count=info.parameter_count,
+        file_type=info.file_type, quantization=info.quantization, context_length=info.context_length,
+        embedding_length=info.embedding_length, block_count=info.block_count,
+        has_chat_template=info.has_chat_template, pooling=info.pooling, modes=serves(info),
+        gguf_version=info.version, file_size=info.file_size,
+    )

@@ -18,31 +18,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidRequest
 from ..settings import Mode
 from ..validation import field_problems
 
 __all__ = [
+    "BACKEND_KEYS",
     "CONTEXT_MAX",
     "CONTEXT_OVERFLOW_KEY",
     "CONTEXT_UNKNOWN_MODEL_MAX",
+    "KEEP_ALIVE_MAX",
     "MAX_TOKENS_MAX",
     "PARALLEL_MAX",
     "SERVER_KEYS",
     "SYSTEM_PROMPT_MAX",
     "Bounds",
     "ParameterUpdate",
+    "context_warning",
     "defaults_for",
     "effective_context",
+    "backend_url_checked",
     "restore_stored",
     "validate_update",
 ]
 
 #: Parameters that are llama-server command-line flags: changing one restarts the server.
 SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "parallel"})
+
+#: Parameters that choose a remote backend for the mode instead of a local child (see `_remote`).
+BACKEND_KEYS = frozenset({"backend_url", "backend_model"})
 
 #: One llama.cpp RPC worker: `host:port` (an IPv6 address in brackets).
 _RPC_WORKER = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([1-9][0-9]{0,4})$"
@@ -54,12 +63,40 @@ CONTEXT_MAX = 1_048_576
 #: ...nor beyond this while no model (or one that does not say its trained context) is loaded.
 CONTEXT_UNKNOWN_MODEL_MAX = 131_072
 MAX_TOKENS_MAX = 1_048_576
+#: `keep_alive` at most (seconds): 30 days; -1 is forever.
+KEEP_ALIVE_MAX = 30 * 24 * 3600
 #: Parallel slots of the llm server at most.
 PARALLEL_MAX = 64
 SYSTEM_PROMPT_MAX = 100_000
 
 #: Problems listed in one error message at most (a body may hold thousands of bad keys).
 _MAX_PROBLEMS = 10
+
+
+def backend_url_checked(url: str) -> str:
+    """`url` as the root of a remote backend: http or https, a host, no credentials, no query
+    or fragment; a trailing `/` or `/v1` is taken off (OpenAI clients' base URLs end in `/v1`,
+    zenow appends `/v1/...` itself).  "" (a local child) stays "".  Raises a pydantic error
+    that never repeats the URL (it may hold a password)."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise PydanticCustomError("backend_url", "is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PydanticCustomError("backend_url", "must be an http:// or https:// URL with a host, "
+                                                 "such as http://10.0.0.5:8080 (or \"\" to serve the mode locally)")
+    if "@" in parts.netloc:
+        raise PydanticCustomError("backend_url", "must not hold credentials (user:password@): "
+                                                 "give the backend's key in backend_api_key")
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        raise PydanticCustomError("backend_url", "must have no query, fragment or spaces")
+    path = parts.path.rstrip("/")
+    path = path.removesuffix("/v1").rstrip("/")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{f':{port}' if port is not None else ''}{path}"
 
 
 class _Server(BaseModel):
@@ -71,6 +108,13 @@ class _Server(BaseModel):
     #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
     rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
         default_factory=list, max_length=16)
+    #: Seconds without a request before the server is stopped (status `stopped`, reason `idle`;
+    #: the next request starts it again); -1 never.  Not a server flag: a change restarts nothing.
+    keep_alive: int = Field(-1, ge=-1, le=KEEP_ALIVE_MAX)
+    #: An OpenAI-compatible server that serves this mode instead of a local llama-server ("": local).
+    backend_url: Annotated[str, AfterValidator(backend_url_checked)] = Field("", max_length=2048)
+    #: The model name sent to that backend ("": the first one it lists at /v1/models).
+    backend_model: str = Field("", max_length=200)
 
 
 class LlmParameters(_Server):
@@ -205,6 +249,20 @@ def effective_context(context_size: int, trained_context: int | None, context_ov
     if trained_context is None or context_overflow:
         return context_size
     return min(context_size, trained_context)
+
+
+def context_warning(model_name: str, context_size: int, trained_context: int | None,
+                    context_overflow: bool) -> str | None:
+    """What a load or parameter answer says when `context_size` is more than the model was trained
+    for; None when it is not (or the model does not say)."""
+    if trained_context is None or context_size <= trained_context:
+        return None
+    if context_overflow:
+        return (f"context_size {context_size} is more than the {trained_context} tokens {model_name} was trained "
+                f"for ({CONTEXT_OVERFLOW_KEY}): it runs with {context_size}, and answers past {trained_context} "
+                "tokens may lose coherence")
+    return (f"{model_name} was trained for {trained_context} tokens: it runs with a context of {trained_context}, "
+            f"not the context_size {context_size} (set {CONTEXT_OVERFLOW_KEY} with context_size to go beyond)")
 
 
 def _bound_problems(merged: dict[str, Any], changes: dict[str, Any], bounds: Bounds, overflow: bool) -> list[str]:

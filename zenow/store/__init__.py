@@ -9,6 +9,7 @@ from ._actor import StoreActor as StoreActor
 from ._backup import backup_database as backup_database
 from ._records import DownloadRecord as DownloadRecord
 from ._records import MessageInfo as MessageInfo
+from ._records import ModelDetails as ModelDetails
 from ._records import ModelInfo as ModelInfo
 from ._records import Role as Role
 from ._records import SessionInfo as SessionInfo

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import trio
 
+from .. import metrics
 from ..actor import Actor, ActorRef
 from ..errors import InvalidRequest, StorageFull, StoreError, StoreReadOnly
 from ..events import (
@@ -22,7 +24,7 @@ from ..events import (
     SessionRenamed,
 )
 from . import _queries as q
-from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
+from ._records import DownloadRecord, MessageInfo, ModelDetails, ModelInfo, SessionInfo
 
 __all__ = ["Store", "StoreActor"]
 
@@ -60,6 +62,7 @@ class StoreActor(Actor):
         `StoreError` when the database itself fails.
         """
         assert self._conn is not None
+        started = time.perf_counter()
         try:
             return await trio.to_thread.run_sync(query, self._conn, *args)
         except OverflowError as exc:
@@ -68,6 +71,8 @@ class StoreActor(Actor):
             raise InvalidRequest("text is not valid Unicode (it holds a lone surrogate)") from exc
         except sqlite3.Error as exc:
             raise _store_error(exc) from exc
+        finally:
+            metrics.store_query(getattr(query, "__name__", "query"), time.perf_counter() - started)
 
     async def write(self, query: Callable[..., T], announce: Callable[[T], None], *args: Any) -> T:
         """`execute`, then `announce(result)` here in the actor: changes are announced in the
@@ -167,10 +172,16 @@ class Store:
 
     # models
     async def register_model(
-        self, mode: str, name: str, path: str, source_url: str | None = None, size: int | None = None
+        self, mode: str, name: str, path: str, source_url: str | None = None, size: int | None = None,
+        details: ModelDetails | None = None,
     ) -> ModelInfo:
+        """Add a model to the registry, or update the one of that name in that mode.
+
+        `details` is what its GGUF header says (read by the caller, which refuses a file
+        whose header does not read); None keeps what was stored.
+        """
         return await self._write(q.register_model, lambda m: self._events.publish(ModelRegistered(model=m)),
-                                 mode, name, path, source_url, size)
+                                 mode, name, path, source_url, size, details)
 
     async def list_models(self, mode: str | None) -> list[ModelInfo]:
         return await self._run(q.list_models, mode)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SessionNotFound
-from ._records import DownloadRecord, MessageInfo, ModelInfo, SessionInfo
+from ._records import DownloadRecord, MessageInfo, ModelDetails, ModelInfo, SessionInfo
 from ._schema import migrate
 
 BUSY_TIMEOUT_MS = 5000
@@ -203,25 +203,28 @@ def clear_messages(conn: sqlite3.Connection, session_id: int) -> None:
 
 # ---------------------------------------------------------------- models
 
-_MODEL_COLUMNS = "id, name, path, mode, source_url, size"
+_MODEL_COLUMNS = "id, name, path, mode, source_url, size, details"
 
 
 def _model(row: tuple[Any, ...]) -> ModelInfo:
-    return ModelInfo(row[0], row[1], row[2], row[3], row[4], row[5], os.path.isfile(row[2]))
+    return ModelInfo(row[0], row[1], row[2], row[3], row[4], row[5], os.path.isfile(row[2]),
+                     ModelDetails.from_json(row[6]))
 
 
 def register_model(
     conn: sqlite3.Connection, mode: str, name: str, path: str,
-    source_url: str | None = None, size: int | None = None,
+    source_url: str | None = None, size: int | None = None, details: ModelDetails | None = None,
 ) -> ModelInfo:
-    """Add a model, or update the path/source/size of the model with that name in that mode."""
+    """Add a model, or update the path/source/size/details of the model with that name in that mode."""
     with _Transaction(conn):
         conn.execute(
-            "INSERT INTO models (name, path, mode, source_url, size, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+            "INSERT INTO models (name, path, mode, source_url, size, details, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (mode, name) DO UPDATE SET path = excluded.path,"
             " source_url = COALESCE(excluded.source_url, models.source_url),"
-            " size = COALESCE(excluded.size, models.size)",
-            (name, path, mode, source_url, size, now()),
+            " size = COALESCE(excluded.size, models.size),"
+            " details = COALESCE(excluded.details, models.details)",
+            (name, path, mode, source_url, size, None if details is None else details.to_json(), now()),
         )
         row = conn.execute(
             f"SELECT {_MODEL_COLUMNS} FROM models WHERE mode = ? AND name = ?", (mode, name)

@@ -73,7 +73,11 @@ MIGRATIONS: tuple[str, ...] = (
         message_count = (SELECT COUNT(*) FROM messages m WHERE m.session_id = sessions.id),
         total_tokens = (SELECT COALESCE(SUM(token_count), 0) FROM messages m WHERE m.session_id = sessions.id);
     """,
-    # 3 -> 4: the number of sessions kept in one row by triggers, so the list's `total` is read,
+    # 3 -> 4: what each model's GGUF header says (JSON of `ModelDetails`), read when it is registered
+    """
+    ALTER TABLE models ADD COLUMN details TEXT;
+    """,
+    # 4 -> 5: the number of sessions kept in one row by triggers, so the list's `total` is read,
     # not counted (COUNT(*) walks a whole index: linear in the sessions)
     """
     CREATE TABLE session_count (one INTEGER PRIMARY KEY CHECK (one = 1), sessions INTEGER NOT NULL);

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
@@ -22,7 +22,6 @@ import trio
 
 from ..actor import Actor
 from ..errors import ActorCrashed, UpstreamError, ZenowError
-from ..servers import child_auth
 from ._shapes import DONE, chat_chunk, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -42,6 +41,8 @@ class UpstreamCall:
     url: str
     payload: dict[str, Any] | None = None
     param: str | None = None
+    #: What the server needs with every request (its key: see `ServerStatus.auth_headers`).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ChatStreamCall:
     url: str
     payload: dict[str, Any]
     model_name: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class UpstreamActor(Actor):
@@ -58,7 +60,7 @@ class UpstreamActor(Actor):
         # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
         # a pool limit here would fail the request beyond it after the pool timeout instead.
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False, auth=child_auth(),
+            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
         )
 
@@ -120,7 +122,7 @@ async def _request_json(http: httpx.AsyncClient, call: UpstreamCall) -> Any:
     """Send `call` and decode its JSON answer.  Raises `UpstreamError` or what
     `upstream_failure` makes of a refusal."""
     try:
-        response = await http.request(call.method, call.url, json=call.payload)
+        response = await http.request(call.method, call.url, json=call.payload, headers=call.headers)
     except httpx.HTTPError as exc:
         raise UpstreamError(_connection_failed(exc), code="upstream_error") from exc
     if response.status_code != 200:
@@ -143,7 +145,7 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
             started.send_nowait(outcome.Error(UpstreamError(message, code="upstream_error")))
 
     try:
-        async with http.stream("POST", call.url, json=call.payload) as response:
+        async with http.stream("POST", call.url, json=call.payload, headers=call.headers) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 started.send_nowait(outcome.Error(upstream_failure(response.status_code, body, "messages")))

@@ -2,7 +2,12 @@
 
 It resolves the request's `model` against the registry (the route's mode only), takes
 a lease on that model through the mode's `ModelGate` (loading it first when another
-model runs), shapes the llama-server request, and has the upstream actor send it.
+model runs), shapes the llama-server request, and has the upstream actor send it, with
+the headers (the key) the mode's status gives.
+
+A mode served by a remote backend (`backend_url`) has no registry of its own: the
+request's `model` goes to the backend as it is (the backend's own model when absent),
+and inputs are not cut to the model's context (the backend applies its own limits).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import outcome
@@ -18,7 +23,7 @@ import trio
 
 from ..actor import ActorRef
 from ..errors import ActorUnavailable, InvalidRequest, ModelNotFound, UpstreamError
-from ..servers import Lease, ServerHandle
+from ..servers import Lease, ServerHandle, ServerStatus
 from ..settings import MODES, Mode, is_mode
 from ..store import ModelInfo, Store
 from ._actor import ChatStreamCall, UpstreamActor, UpstreamCall
@@ -46,6 +51,19 @@ FRAME_BUFFER = 32
 SPECIAL_TOKENS_MARGIN = 8
 
 _ROUTES: dict[Mode, str] = {"llm": "/v1/chat/completions", "embed": "/v1/embeddings", "rerank": "/v1/rerank"}
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a request goes: the server's URL, the headers it needs (its key), whether it is remote."""
+
+    url: str
+    headers: dict[str, str] = field(repr=False)
+    remote: bool
+
+    @classmethod
+    def of(cls, status: ServerStatus, endpoint: str) -> _Target:
+        return cls(endpoint, status.auth_headers(), status.backend_url is not None)
 
 
 @dataclass
@@ -91,11 +109,15 @@ class OpenAIGateway:
         registered = [m for m in await self._store.list_models(None) if m.is_downloaded]
         created = await trio.to_thread.run_sync(_created_times, [m.path for m in registered])
         return [ModelEntry(m.name, m.mode, stamp, self._is_running(m)) for m, stamp in zip(registered, created,
-                                                                                              strict=True)]
+                                                                                              strict=True)
+                ] + self._remote_models()
 
     async def model(self, name: str, mode: Mode | None = None) -> ModelEntry:
         """The model `name`: of `mode` when given, else the first of llm, embed, rerank that
         has it (names are unique per mode only).  Raises `ModelNotFound`."""
+        for entry in self._remote_models():
+            if entry.name == name and mode in (None, entry.mode):
+                return entry
         for candidate in (mode,) if mode is not None else MODES:
             model = await self._store.find_model(candidate, name)
             if model is not None and model.is_downloaded:
@@ -108,7 +130,16 @@ class OpenAIGateway:
         if not is_mode(model.mode):
             return False
         status = self._servers[model.mode].status()
-        return status.is_running and status.model_name == model.name
+        return status.is_running and status.model_name == model.name and status.backend_url is None
+
+    def _remote_models(self) -> list[ModelEntry]:
+        """The model each mode served by a remote backend serves, when known."""
+        found = []
+        for mode in MODES:
+            status = self._servers[mode].status()
+            if status.backend_url is not None and status.model_name is not None:
+                found.append(ModelEntry(status.model_name, mode, 0, status.is_running))
+        return found
 
     # ------------------------------------------------------------ chat
 
@@ -120,9 +151,10 @@ class OpenAIGateway:
         or llama-server refused the request), `ModelNotLoaded`, `ModelBusy`,
         `ModelLoadFailed`, `UpstreamError`.  Cancelling it stops generation upstream.
         """
-        async with self._using("llm", request.model) as (endpoint, model_name):
-            payload = upstream_chat_payload(request, self._servers["llm"].parameters())
-            answer = await self._call(UpstreamCall("POST", f"{endpoint}/v1/chat/completions", payload, "messages"))
+        async with self._using("llm", request.model) as (target, model_name):
+            payload = _for(target, model_name, upstream_chat_payload(request, self._servers["llm"].parameters()))
+            answer = await self._call(UpstreamCall("POST", f"{target.url}/v1/chat/completions", payload, "messages",
+                                                   target.headers))
         if not isinstance(answer, dict):
             raise UpstreamError("llama-server answered a chat completion that is not an object")
         return chat_completion_response(answer, model_name)
@@ -134,13 +166,13 @@ class OpenAIGateway:
         `complete` raises, before anything was streamed; a failure later arrives as an
         error event.  Cancelling the call stops what it started.
         """
-        model_name, endpoint, lease = await self._enter("llm", request.model)
+        model_name, target, lease = await self._enter("llm", request.model)
         send, receive = trio.open_memory_channel[bytes](FRAME_BUFFER)
         started_send, started_receive = trio.open_memory_channel[outcome.Outcome[None]](1)
         stream = CompletionStream(receive, trio.CancelScope())
         try:
-            payload = upstream_chat_payload(request, self._servers["llm"].parameters())
-            call = ChatStreamCall(f"{endpoint}/v1/chat/completions", payload, model_name)
+            payload = _for(target, model_name, upstream_chat_payload(request, self._servers["llm"].parameters()))
+            call = ChatStreamCall(f"{target.url}/v1/chat/completions", payload, model_name, target.headers)
             await self._ref.call(UpstreamActor.start_stream, call, send, started_send, stream.scope, lease.release)
             with started_receive:
                 try:
@@ -170,13 +202,14 @@ class OpenAIGateway:
         `ModelBusy`, `ModelLoadFailed`, `UpstreamError`.  Cancelling it stops the request.
         """
         params = self._servers["embed"].parameters()
-        async with self._using("embed", request.model) as (endpoint, model_name):
+        async with self._using("embed", request.model) as (target, model_name):
             inputs = request.inputs
-            if params.get("truncate", True):
-                inputs = await self._truncated(endpoint, inputs, params)
-            payload = {"input": inputs, "encoding_format": "float",
-                       "embd_normalize": 2 if params.get("normalize", True) else -1}
-            answer = await self._call(UpstreamCall("POST", f"{endpoint}/v1/embeddings", payload, "input"))
+            if params.get("truncate", True) and not target.remote:
+                inputs = await self._truncated(target, inputs, params)
+            payload = _for(target, model_name, {"input": inputs, "encoding_format": "float",
+                                                "embd_normalize": 2 if params.get("normalize", True) else -1})
+            answer = await self._call(UpstreamCall("POST", f"{target.url}/v1/embeddings", payload, "input",
+                                                   target.headers))
         if not isinstance(answer, dict):
             raise UpstreamError("llama-server answered embeddings that are not an object")
         return embeddings_response(answer, model_name, request.encoding_format, len(inputs))
@@ -187,14 +220,15 @@ class OpenAIGateway:
 
         Raises what `embeddings` raises (a too long document names `documents`).
         """
-        async with self._using("rerank", request.model) as (endpoint, model_name):
-            payload = {"query": request.query, "documents": request.documents}
-            answer = await self._call(UpstreamCall("POST", f"{endpoint}/v1/rerank", payload, "documents"))
+        async with self._using("rerank", request.model) as (target, model_name):
+            payload = _for(target, model_name, {"query": request.query, "documents": request.documents})
+            answer = await self._call(UpstreamCall("POST", f"{target.url}/v1/rerank", payload, "documents",
+                                                   target.headers))
         if not isinstance(answer, dict):
             raise UpstreamError("llama-server answered rerank that is not an object")
         return rerank_response(answer, request, model_name)
 
-    async def _truncated(self, endpoint: str, inputs: list[str | list[int]],
+    async def _truncated(self, target: _Target, inputs: list[str | list[int]],
                          params: Mapping[str, Any]) -> list[str | list[int]]:
         """`inputs` with each one longer than the model takes cut to its token limit (a text
         becomes its token ids).  Only texts that may be too long are tokenized."""
@@ -204,7 +238,7 @@ class OpenAIGateway:
         if all(len(x.encode()) + SPECIAL_TOKENS_MARGIN <= limit if isinstance(x, str) else len(x) <= limit
                for x in inputs):
             return inputs
-        limit = min(limit, await self._context_limit(endpoint))
+        limit = min(limit, await self._context_limit(target))
         cut: list[str | list[int]] = []
         for item in inputs:
             if isinstance(item, list):
@@ -212,17 +246,17 @@ class OpenAIGateway:
             elif len(item.encode()) + SPECIAL_TOKENS_MARGIN <= limit:
                 cut.append(item)
             else:
-                full = await self._tokens(endpoint, item, special=True)
+                full = await self._tokens(target, item, special=True)
                 if len(full) <= limit:
                     cut.append(item)
                 else:
-                    cut.append(truncated_tokens(full, await self._tokens(endpoint, item, special=False), limit))
+                    cut.append(truncated_tokens(full, await self._tokens(target, item, special=False), limit))
         return cut
 
-    async def _context_limit(self, endpoint: str) -> int:
+    async def _context_limit(self, target: _Target) -> int:
         """The fewest tokens of the served context and the model's trained context
         (llama-server's /v1/models `meta`); a large number when it does not say."""
-        answer = await self._call(UpstreamCall("GET", f"{endpoint}/v1/models"))
+        answer = await self._call(UpstreamCall("GET", f"{target.url}/v1/models", headers=target.headers))
         limits = [2**31]
         try:
             meta = answer["data"][0]["meta"]
@@ -231,9 +265,9 @@ class OpenAIGateway:
             pass
         return min(limits)
 
-    async def _tokens(self, endpoint: str, text: str, *, special: bool) -> list[int]:
-        answer = await self._call(UpstreamCall("POST", f"{endpoint}/tokenize",
-                                               {"content": text, "add_special": special}, "input"))
+    async def _tokens(self, target: _Target, text: str, *, special: bool) -> list[int]:
+        answer = await self._call(UpstreamCall("POST", f"{target.url}/tokenize",
+                                               {"content": text, "add_special": special}, "input", target.headers))
         try:
             return [int(token) for token in answer["tokens"]]
         except (KeyError, TypeError, ValueError) as exc:
@@ -241,22 +275,32 @@ class OpenAIGateway:
 
     # ------------------------------------------------------------ the model and the upstream call
 
-    async def _enter(self, mode: Mode, name: str | None) -> tuple[str, str, Lease]:
-        """(model name, endpoint, lease) of the model serving this request; see `complete`."""
+    async def _enter(self, mode: Mode, name: str | None) -> tuple[str, _Target, Lease]:
+        """(model name, target, lease) of the model serving this request; see `complete`
+        (and `BackendUnavailable` when the mode's remote backend does not answer)."""
+        current = self._servers[mode].status()
+        if current.backend_url is not None:  # a remote backend: model names are its own
+            if current.endpoint is None:
+                raise current.not_running("")
+            status, lease = await self._gates[mode].enter(None)
+            if status.endpoint is None:  # the gate hands out running servers only
+                lease.release()
+                raise status.not_running("")
+            return name or status.model_name or mode, _Target.of(status, status.endpoint), lease
         if name is not None:
             await self._check_model(mode, name)
         status, lease = await self._gates[mode].enter(name)
         if status.endpoint is None or status.model_name is None:  # the gate hands out running models only
             lease.release()
             raise UpstreamError(f"The {mode} server is not running", code="upstream_error")
-        return status.model_name, status.endpoint, lease
+        return status.model_name, _Target.of(status, status.endpoint), lease
 
     @asynccontextmanager
-    async def _using(self, mode: Mode, name: str | None) -> AsyncIterator[tuple[str, str]]:
-        """(endpoint, model name) of the model serving this request, leased for the block."""
-        model_name, endpoint, lease = await self._enter(mode, name)
+    async def _using(self, mode: Mode, name: str | None) -> AsyncIterator[tuple[_Target, str]]:
+        """(target, model name) of the model serving this request, leased for the block."""
+        model_name, target, lease = await self._enter(mode, name)
         try:
-            yield endpoint, model_name
+            yield target, model_name
         finally:
             lease.release()
 
@@ -296,6 +340,11 @@ class OpenAIGateway:
         finally:
             scope.cancel()
         return result.unwrap()
+
+
+def _for(target: _Target, model_name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` naming the model for a remote backend (a farm serves several; llama-server ignores it)."""
+    return {**payload, "model": model_name} if target.remote else payload
 
 
 def _created_times(paths: list[str]) -> list[int]:
