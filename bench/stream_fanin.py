@@ -6,8 +6,9 @@ Starts `zenow serve` with tests/support/fake_llama_server.py as its llama-server
 delay, `parallel` = the stream count so every stream generates at once) and bench/_bare.py.
 Each round opens N streams of T tokens through zenow's `/api/chat`, then N streams of T events
 from the bare route (alternating which goes first), read by raw sockets in this process.
-Reports events/s, the p50/p99 gap between events within a stream, zenow's CPU per 1,000
-events, its RSS, and whether every event arrived.
+Reports events/s, the p50/p99 gap between events within a stream, the CPU per 1,000 events
+of zenow, of the fake llama-server behind it and of the bare app, zenow's RSS, and whether
+every event arrived.
 
     python bench/stream_fanin.py [--streams 64] [--tokens 500] [--rounds 3] [--quick]
 
@@ -30,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import (
     REPO,
     Child,
+    child_pids,
     client,
+    cmdline,
     cpu_seconds,
     fmt,
     median,
@@ -130,16 +133,23 @@ async def measure(args: argparse.Namespace, zenow: Child, bare: Child) -> dict[s
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
     rss: list[float] = []
     cpu_per_1000: list[float] = []
+    upstream_cpu_per_1000: list[float] = []
+    bare_cpu_per_1000: list[float] = []
+    (upstream,) = [pid for pid in child_pids(zenow.pid) if "fake_llama_server" in " ".join(cmdline(pid))]
     await one_round(*paths["zenow /api/chat"], min(args.streams, 4))  # warm up
     for round_ in range(args.rounds):
         names = list(paths) if round_ % 2 == 0 else list(reversed(paths))
         for name in names:
             url, path_of, body_of = paths[name]
-            before = cpu_seconds(zenow.pid)
+            before = cpu_seconds(zenow.pid), cpu_seconds(upstream), cpu_seconds(bare.pid)
             result = await one_round(url, path_of, body_of, args.streams)
+            per_1000 = 1000 / max(result["events"], 1)
             if name.startswith("zenow"):
-                cpu_per_1000.append((cpu_seconds(zenow.pid) - before) / max(result["events"], 1) * 1000)
+                cpu_per_1000.append((cpu_seconds(zenow.pid) - before[0]) * per_1000)
+                upstream_cpu_per_1000.append((cpu_seconds(upstream) - before[1]) * per_1000)
                 rss.append(rss_mib(zenow.pid))
+            else:
+                bare_cpu_per_1000.append((cpu_seconds(bare.pid) - before[2]) * per_1000)
             samples[name].append(result)
     results: dict[str, Any] = {"streams": args.streams, "tokens": args.tokens, "rounds": args.rounds, "paths": {}}
     for name, rounds in samples.items():
@@ -151,6 +161,8 @@ async def measure(args: argparse.Namespace, zenow: Child, bare: Child) -> dict[s
             "gap_p50_ms": percentile(gaps, 50) * 1000, "gap_p99_ms": percentile(gaps, 99) * 1000,
         }
     results["zenow_cpu_s_per_1000_events"] = cpu_per_1000
+    results["fake_llama_server_cpu_s_per_1000_events"] = upstream_cpu_per_1000
+    results["bare_cpu_s_per_1000_events"] = bare_cpu_per_1000
     results["zenow_rss_mib"] = rss
     return results
 
@@ -165,13 +177,15 @@ def render(results: dict[str, Any]) -> str:
             name, fmt(median(r["events_per_s"]), 0), fmt(min(r["events_per_s"]), 0),
             fmt(median(r["events_per_s"]) / ceiling * 100, 1) + " %", fmt(r["gap_p50_ms"], 2),
             fmt(r["gap_p99_ms"], 2), str(lost),
-            fmt(median(results["zenow_cpu_s_per_1000_events"]), 3) if zen else "",
+            fmt(median(results["zenow_cpu_s_per_1000_events" if zen else "bare_cpu_s_per_1000_events"]), 3),
+            fmt(median(results["fake_llama_server_cpu_s_per_1000_events"]), 3) if zen else "",
             fmt(max(results["zenow_rss_mib"]), 1) if zen else "",
         ])
     head = (f"Stream fan-in: {results['streams']} streams x {results['tokens']} events, {results['rounds']} "
             "alternating rounds (the fake llama-server with no token delay)\n\n")
     return head + table(["path", "events/s p50", "worst round", "of the ceiling", "gap p50 ms", "gap p99 ms",
-                         "events lost", "zenow CPU s / 1k events", "zenow RSS MiB"], rows)
+                         "events lost", "server CPU s / 1k events", "fake llama-server CPU s / 1k events",
+                         "zenow RSS MiB"], rows)
 
 
 def main() -> None:

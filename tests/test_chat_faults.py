@@ -349,3 +349,58 @@ def test_other_shapes_are_read_as_json_and_errors_are_raised():
         ReplyReader().feed(b"data: {not json\n\n")
     with _pytest.raises(MalformedStream):
         ReplyReader().feed(b"data: " + b"x" * (2 << 20))
+
+
+async def test_a_lagging_reader_gets_every_waiting_delta_in_one_chunk_of_whole_events():
+    from zenow.chat import ChatStream, Delta, Failed, Finished
+    from zenow.chat._streamer import EVENT_BUFFER
+
+    send, receive = trio.open_memory_channel(EVENT_BUFFER)
+    frames = ChatStream(receive, trio.CancelScope()).frames()
+    waiting = [Delta.of(f"token {i} ") for i in range(EVENT_BUFFER)]
+    for delta in waiting:
+        send.send_nowait(delta)
+    assert await frames.__anext__() == b"".join(d.frame for d in waiting)  # all of them, in order, at once
+    late = Delta.of("late")
+    send.send_nowait(late)
+    assert await frames.__anext__() == late.frame
+    send.send_nowait(Finished("stop", None))  # no frame of its own: no empty chunk either
+    send.send_nowait(Failed("boom"))
+    send.close()
+    assert json.loads((await frames.__anext__())[6:]) == {"error": "boom"}
+    assert await frames.__anext__() == b"data: [DONE]\n\n"
+
+
+async def test_a_reader_that_lags_behind_gets_every_event_whole_and_in_order(fake, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "1500")
+    await respawn(fake)
+    sid = await session(fake.client)
+    body = json.dumps(ask(sid)).encode()
+    host, port = fake.url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)  # zenow's writes block soon
+    await sock.connect((host, int(port)))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        with trio.fail_after(60):
+            while not received.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of the body
+                received += await stream.receive_some(4096)
+                await trio.sleep(0.001)  # a slow reader: zenow falls behind llama-server meanwhile
+    head, _, chunked = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    events, rest = [], chunked
+    while True:  # every HTTP chunk zenow wrote holds whole events, never a piece of one
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunk, rest = rest[:size], rest[size + 2:]
+        assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
+        events += chunk.decode().split("\n\n")[:-1]
+    assert events[-1] == "data: [DONE]"
+    deltas = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]]
+    assert len(deltas) == 1500
+    assert (await stored(fake.client, sid))[1]["content"] == "".join(deltas)

@@ -75,6 +75,16 @@ def test_the_token_estimate(text, tokens):
     assert estimate_tokens(text) == tokens
 
 
+def test_a_session_is_shown_with_every_field_of_its_record():
+    from dataclasses import asdict
+
+    from zenow.routes._shapes import session_json
+    from zenow.store import SessionInfo
+
+    session = SessionInfo(7, "名前", "2026-01-01T00:00:00", "2026-01-02T00:00:00", 3, 42)
+    assert session_json(session) == asdict(session)
+
+
 def test_the_rename_schema_accepts_exactly_the_names_that_are_not_empty_once_whitespace_is_collapsed():
     # schemathesis draws names from the schema's pattern with Python's `re`; pydantic checks it with
     # Rust's regex; the route collapses whitespace with str.split(): all three must agree.

@@ -53,11 +53,13 @@ def test_counters_match_the_stored_messages_and_order_is_stable(ops):
         try:
             run(conn, ops)
             sessions, total = q.list_sessions(conn, 10_000, 0)
-            assert total == len(sessions)
+            assert total == len(sessions) == conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
             for session in sessions:
                 messages, tokens = q.get_messages(conn, session.id, None)
                 assert session.message_count == len(messages)
                 assert session.total_tokens == tokens == sum(m.token_count for m in messages)
+                newest, newest_tokens = q.get_messages(conn, session.id, 2)
+                assert newest == messages[-2:] and newest_tokens == tokens
                 assert [m.id for m in messages] == sorted(m.id for m in messages)
                 assert q.get_session(conn, session.id) == session
             newest_first = [row[0] for row in conn.execute("SELECT id FROM sessions ORDER BY updated_at DESC, id DESC")]
@@ -84,6 +86,25 @@ def test_a_version_2_database_gets_its_counters_on_upgrade(tmp_path):
     try:
         session = q.get_session(conn, 1)
         assert (session.message_count, session.total_tokens) == (2, 7)
+    finally:
+        conn.close()
+
+
+def test_a_version_4_database_gets_its_session_count_on_upgrade(tmp_path):
+    from zenow.store._schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    for step in range(4):
+        old.executescript(f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;")
+    old.executemany("INSERT INTO sessions (session_name, created_at, updated_at) VALUES (?, 't', 't')",
+                    [("a",), ("b",), ("c",)])
+    old.close()
+    conn = q.open_database(path)
+    try:
+        assert q.list_sessions(conn, 1, 0)[1] == 3
+        q.delete_session(conn, q.create_session(conn, "d").id - 2)
+        assert q.list_sessions(conn, 10, 0)[1] == 3
     finally:
         conn.close()
 

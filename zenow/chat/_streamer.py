@@ -9,13 +9,14 @@ session's lock from reading the history until the assistant's reply is saved, so
 chats on one session never interleave; chats on different sessions generate at once
 in the llm server's parallel slots.
 
-Before the first token: one read of the session (it must exist; its token total
-anchors the history, see `_prompt.history_in_steps`), at most one `/tokenize` call
-(none once the system prompt's count is known and the request surely fits the
-context: a token covers at least one byte), the history pages, then the request to
-llama-server.  The request's messages are counted and stored while the reply
-streams, always before the reply is saved; the reply's count is llama-server's own
-`usage`.  Deltas pass from llama-server to the consumer as bytes (`_upstream`).
+Before the first token: one read of the session with its newest page of messages
+(it must exist; its token total anchors the history, see `_prompt.history_in_steps`;
+that page is often the whole history sent, else more pages follow), at most one
+`/tokenize` call (none once the system prompt's count is known and the request surely
+fits the context: a token covers at least one byte), then the request to llama-server.
+The request's messages are counted and stored while the reply streams, always before
+the reply is saved; the reply's count is llama-server's own `usage`.  Deltas pass from
+llama-server to the consumer as bytes (`_upstream`).
 
 When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
 to llama-server is closed at once (generation stops, the slot is freed) and the
@@ -28,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +50,9 @@ from ..errors import (
     ZenowError,
 )
 from ..servers import ServerHandle, ServerStatus
-from ..store import Store
+from ..store import MessageInfo, Store
 from ..tokens import TokenCounter, estimate_tokens
-from ._events import Delta, Failed, Finished, StreamEvent
+from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
 from ._prompt import Turn, history_in_steps
 from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
 
@@ -60,13 +61,16 @@ __all__ = ["ChatRequest", "ChatResult", "ChatStream", "ChatStreamer", "ChatStrea
 log = logging.getLogger(__name__)
 
 NOT_RUNNING = "LLM server is not running. Please select a model first."
-#: No buffer between the streamer and its consumer: a delta is handed over when the consumer is ready
-#: for it, and what llama-server sends meanwhile goes out as one larger delta (batched writes when a
-#: client lags; backpressure reaches llama-server through the socket).
-EVENT_BUFFER = 0
+#: Deltas the streamer may read ahead of its consumer: llama-server is read while the consumer writes,
+#: and the consumer sends every delta waiting as one write (`ChatStream.frames`), so a lagging client
+#: or a busy zenow gets fewer, larger writes.  When the buffer is full, what llama-server sends
+#: meanwhile waits in the socket and comes as one larger delta (backpressure reaches llama-server).
+EVENT_BUFFER = 8
 HISTORY_PAGE = 200
 #: Tokens the checks leave for special tokens a text may map to without covering a byte each.
 SPECIAL_TOKENS_MARGIN = 8
+#: The stream is asked for uncompressed, so its bytes are read raw, with no decoding layer.
+_UNCOMPRESSED = {"Accept-Encoding": "identity"}
 #: Seconds the request's messages may take to be counted and stored once generation began.
 STORE_DEADLINE = 30.0
 
@@ -90,6 +94,19 @@ class ChatStream:
     scope: trio.CancelScope
     #: Called once when the stream ends (its slot among the open streams is free again).
     on_end: Callable[[], None] | None = None
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The reply as SSE, ending with `data: [DONE]`: each chunk holds whole events, every
+        event already waiting when one arrives (a lagging reader gets fewer, larger chunks)."""
+        async for event in self.events:
+            frames = [sse(event)]
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    frames.append(sse(self.events.receive_nowait()))
+            chunk = b"".join(frame for frame in frames if frame is not None)
+            if chunk:
+                yield chunk
+        yield DONE
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -118,6 +135,19 @@ class _Prepared:
     options: dict[str, Any]
     #: The session's stored tokens when it was read (the history's end offset).
     session_tokens: int
+    #: The session's newest messages read with it (newest first, at most `HISTORY_PAGE`).
+    newest: list[MessageInfo]
+
+
+@dataclass(eq=False)
+class _SessionChats:
+    """The chats on one session that the streamer is answering or about to."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Chats counted on the session now.
+    users: int = 0
+    #: Chats ever counted on it while this entry lived.
+    joined: int = 0
 
 
 class ChatStreamerActor(Actor):
@@ -131,7 +161,7 @@ class ChatStreamerActor(Actor):
                  read_timeout: float = 600.0) -> None:
         self.store = store
         self.llm = llm
-        self._locks: dict[int, tuple[trio.Lock, int]] = {}
+        self._sessions: dict[int, _SessionChats] = {}
         #: (endpoint, system prompt, its token count): the one count every chat needs.
         self._system_count: tuple[str, str, int] | None = None
         self._http = httpx.AsyncClient(
@@ -156,6 +186,18 @@ class ChatStreamerActor(Actor):
 
     async def _chat(self, request: ChatRequest, send: trio.MemorySendChannel[StreamEvent],
                     scope: trio.CancelScope, ready: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+        # counted on its session before the session is read: another chat on it that starts or
+        # runs meanwhile is seen, and the history is read again under the lock (`_generate`)
+        chats = self._join(request.session_id)
+        try:
+            await self._chat_joined(request, chats, send, scope, ready)
+        finally:
+            self._leave(request.session_id)
+
+    async def _chat_joined(self, request: ChatRequest, chats: _SessionChats,
+                           send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
+                           ready: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+        first, joined_then = chats.users == 1, chats.joined
         async with ready:
             try:
                 prepared = await self._prepare(request)
@@ -175,11 +217,13 @@ class ChatStreamerActor(Actor):
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 send.close()
                 return  # the caller is gone: start nothing
-        await self._generate(prepared, send, scope)
+        # another chat on the session, there before this one or come since, may have changed it unseen
+        await self._generate(prepared, chats, send, scope, reread=not first or chats.joined != joined_then)
 
     async def _prepare(self, request: ChatRequest) -> _Prepared:
         """Check the session, the server and the context window; count what must be counted now."""
-        session = await self.store.get_session(request.session_id)
+        # the session and the start of its history in one store call: often all the history sent
+        session, newest = await self.store.session_with_newest_messages(request.session_id, HISTORY_PAGE)
         status = await self.llm.wake()  # an llm server stopped for idleness starts again; the chat waits
         endpoint = status.endpoint
         if endpoint is None:
@@ -215,7 +259,7 @@ class ChatStreamerActor(Actor):
         if status.backend_url is not None and status.model_name:  # a farm needs to be told which model
             options["model"] = status.model_name
         system = Turn("system", system_prompt, system_tokens) if system_prompt else None
-        return _Prepared(request, endpoint, system, counts, context_size, options, session.total_tokens)
+        return _Prepared(request, endpoint, system, counts, context_size, options, session.total_tokens, newest)
 
     def _known_system_count(self, endpoint: str, system_prompt: str) -> int | None:
         if not system_prompt:
@@ -252,25 +296,33 @@ class ChatStreamerActor(Actor):
             log.warning("llama-server's /tokenize failed (%s); estimating token counts", exc)
         return [estimate_tokens(text) for text in texts]
 
-    def _lock_for(self, session_id: int) -> trio.Lock:
-        lock, users = self._locks.get(session_id, (trio.Lock(), 0))
-        self._locks[session_id] = (lock, users + 1)
-        return lock
+    def _join(self, session_id: int) -> _SessionChats:
+        """Count one more chat on the session (until `_leave`)."""
+        chats = self._sessions.get(session_id)
+        if chats is None:
+            chats = self._sessions[session_id] = _SessionChats()
+        chats.users += 1
+        chats.joined += 1
+        return chats
 
-    def _release(self, session_id: int) -> None:
-        lock, users = self._locks[session_id]
-        if users <= 1:
-            del self._locks[session_id]
-        else:
-            self._locks[session_id] = (lock, users - 1)
+    def _leave(self, session_id: int) -> None:
+        chats = self._sessions[session_id]
+        chats.users -= 1
+        if chats.users == 0:
+            del self._sessions[session_id]
 
-    async def _history(self, session_id: int, budget: int, end_offset: int) -> list[Turn]:
-        """The stored history to send (`history_in_steps`), read newest first a page at a time."""
+    async def _history(self, session_id: int, budget: int, end_offset: int,
+                       first_page: list[MessageInfo] | None = None) -> list[Turn]:
+        """The stored history to send (`history_in_steps`), read newest first a page at a time
+        (the first page may be given: read with the session)."""
         newest_first: list[Turn] = []
         used = 0
         cursor: int | None = None
         while used <= budget:
-            page = await self.store.newest_messages(session_id, cursor, HISTORY_PAGE)
+            if first_page is not None:
+                page, first_page = first_page, None
+            else:
+                page = await self.store.newest_messages(session_id, cursor, HISTORY_PAGE)
             for message in page:
                 newest_first.append(Turn(message.role, message.content, message.token_count))
                 used += message.token_count
@@ -279,30 +331,25 @@ class ChatStreamerActor(Actor):
             cursor = page[-1].id
         return history_in_steps(budget, end_offset, newest_first)
 
-    async def _generate(self, prepared: _Prepared, send: trio.MemorySendChannel[StreamEvent],
-                        scope: trio.CancelScope) -> None:
-        request = prepared.request
-        lock = self._lock_for(request.session_id)
-        waited = lock.locked()
-        try:
-            async with send, lock:
+    async def _generate(self, prepared: _Prepared, chats: _SessionChats, send: trio.MemorySendChannel[StreamEvent],
+                        scope: trio.CancelScope, *, reread: bool) -> None:
+        """Generate under the session's lock; `reread`: the session may have changed since it was read."""
+        async with send, chats.lock:
+            try:
+                # A lease on the running model, taken under the session lock (it may have
+                # restarted meanwhile): a /v1 request switching the llm model waits for it.
                 try:
-                    # A lease on the running model, taken under the session lock (it may have
-                    # restarted meanwhile): a /v1 request switching the llm model waits for it.
-                    try:
-                        status, lease = await self.llm.gate.enter(None)
-                    except ModelNotLoaded:
-                        raise self.llm.status().not_running(NOT_RUNNING) from None
-                except ZenowError as exc:
-                    with trio.move_on_after(1):
-                        await send.send(Failed(str(exc)))
-                    return
-                try:
-                    await self._generate_leased(prepared, status, send, scope, reread=waited)
-                finally:
-                    lease.release()
-        finally:
-            self._release(request.session_id)
+                    status, lease = await self.llm.gate.enter(None)
+                except ModelNotLoaded:
+                    raise self.llm.status().not_running(NOT_RUNNING) from None
+            except ZenowError as exc:
+                with trio.move_on_after(1):
+                    await send.send(Failed(str(exc)))
+                return
+            try:
+                await self._generate_leased(prepared, status, send, scope, reread=reread)
+            finally:
+                lease.release()
 
     async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
                                send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
@@ -310,19 +357,20 @@ class ChatStreamerActor(Actor):
         """Read the history, stream the reply from `status`'s server into `send` while the
         request's messages are counted and stored, then save the reply.
 
-        `reread`: the session changed since `_prepare` read it (another chat on it ran first).
+        `reread`: the session may have changed since `_prepare` read it (another chat on it).
         """
         request = prepared.request
         endpoint = status.endpoint
         try:
             if endpoint is None:  # the gate hands out running models only
                 raise ServerNotRunning(NOT_RUNNING)
-            session_tokens = prepared.session_tokens
-            if reread:
-                session_tokens = (await self.store.get_session(request.session_id)).total_tokens
+            session_tokens, newest = prepared.session_tokens, prepared.newest
+            if reread:  # another chat on the session ran since it was read: read it again
+                session, newest = await self.store.session_with_newest_messages(request.session_id, HISTORY_PAGE)
+                session_tokens = session.total_tokens
             system_cost = prepared.system.token_count if prepared.system else 0
             history = await self._history(request.session_id, prepared.context_size // 2 - system_cost,
-                                          session_tokens)
+                                          session_tokens, newest)
         except ZenowError as exc:
             with trio.move_on_after(1):
                 await send.send(Failed(str(exc)))
@@ -334,14 +382,18 @@ class ChatStreamerActor(Actor):
         parts: list[bytes] = []
         failures: list[ZenowError] = []
         closing: StreamEvent | None = None
+        generating = trio.Event()
         try:
             async with trio.open_nursery() as storing:
-                storing.start_soon(self._store_request, prepared, status, scope, failures)
+                storing.start_soon(self._store_request, prepared, status, scope, failures, generating)
                 try:
                     with scope:
-                        closing = await self._stream_upstream(status, prepared, prompt, reader, parts, send)
+                        closing = await self._stream_upstream(status, prepared, prompt, reader, parts, send,
+                                                              generating)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the consumer went away; the upstream request is closed by now
+                finally:
+                    generating.set()
         finally:
             if not failures:  # the request is stored: its reply follows it
                 with trio.CancelScope(shield=True):
@@ -353,9 +405,12 @@ class ChatStreamerActor(Actor):
                 await send.send(closing)
 
     async def _store_request(self, prepared: _Prepared, server: ServerStatus, scope: trio.CancelScope,
-                             failures: list[ZenowError]) -> None:
-        """Count (unless counted) and store the request's messages, whatever happens to the
-        stream meanwhile; on failure note it in `failures` and stop the stream."""
+                             failures: list[ZenowError], generating: trio.Event) -> None:
+        """Once the first token came (or the stream ended), count (unless counted) and store the
+        request's messages, whatever happens to the stream meanwhile; on failure note it in
+        `failures` and stop the stream.  Waiting for the first token keeps the `/tokenize` call
+        and the database writes off the CPU while llama-server reads the prompt."""
+        await generating.wait()
         request = prepared.request
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_DEADLINE) as deadline:
             try:
@@ -373,9 +428,9 @@ class ChatStreamerActor(Actor):
 
     async def _stream_upstream(self, server: ServerStatus, prepared: _Prepared, prompt: list[dict[str, str]],
                                reader: ReplyReader, parts: list[bytes],
-                               send: trio.MemorySendChannel[StreamEvent]) -> StreamEvent:
+                               send: trio.MemorySendChannel[StreamEvent], generating: trio.Event) -> StreamEvent:
         """Forward llama-server's deltas to `send` (whatever arrived in one read as one
-        `Delta`); return the closing event."""
+        `Delta`), setting `generating` at the first; return the closing event."""
         payload = {
             "messages": prompt,
             "stream": True,
@@ -384,13 +439,14 @@ class ChatStreamerActor(Actor):
         }
         try:
             async with self._http.stream("POST", f"{server.endpoint}/v1/chat/completions", json=payload,
-                                         headers=server.auth_headers()) as response:
+                                         headers={**server.auth_headers(), **_UNCOMPRESSED}) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
-                async for data in response.aiter_bytes():
+                async for data in response.aiter_raw():  # uncompressed: no decoder between the socket and us
                     frames, literal = reader.feed(data)
                     if frames:
+                        generating.set()
                         metrics.first_delta(parts, prepared.request.received_at)
                         parts.append(literal)
                         await send.send(Delta(frames, literal))

@@ -9,8 +9,9 @@ used only when it is known to be the one asked for (else `FileAlreadyExists`, 40
 
 Layering: `_target` checks a request (pure), `_redact` hides credentials (pure),
 `_headers` reads Content-Range and Content-Length (pure), `_files` does the blocking
-file work the actor runs in threads, `_actor` holds the actor, its transfer tasks and
-the handle.
+file work the actor runs in threads, `_sink` writes a transfer's batches in a worker
+thread while the next one arrives, `_transport` is the HTTP client's transport (wide
+reads), `_actor` holds the actor, its transfer tasks and the handle.
 """
 
 from ._actor import CANCELLED as CANCELLED

@@ -57,10 +57,10 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import httpx
 import trio
@@ -75,7 +75,9 @@ from ..store import DownloadRecord, ModelDetails, Store
 from . import _files as files
 from ._headers import content_length, parse_content_range
 from ._redact import redact_text, redact_url
+from ._sink import PartSink
 from ._target import DownloadTarget, path_in_folder
+from ._transport import WideReadTransport
 
 __all__ = [
     "CANCELLED",
@@ -128,9 +130,15 @@ class DownloadPolicy:
     backoff_max: float = 30.0
     #: Consecutive attempts that receive nothing before the download fails (progress resets it).
     attempts_without_progress: int = 8
+    #: The most bytes one read of the body asks for.
+    read_bytes: int = 1 << 20
     #: Received bytes are written to the `.part` once this many are buffered, or this often.
     flush_bytes: int = 1 << 20
     flush_interval: float = 0.5
+    #: Written bytes are put on the disk every this many while the download goes on.
+    write_back_bytes: int = 32 << 20
+    #: How often a running download's progress is announced (the event hub paces it further).
+    announce_interval: float = 0.1
     #: How often a running download's progress is saved to the store.
     checkpoint_interval: float = 5.0
     connect_timeout: float = 20.0
@@ -231,6 +239,8 @@ class _Download:
     outcome: _Outcome | None = None
     scope: trio.CancelScope | None = None
     cancel_requested: bool = False
+    #: The SHA-256 of the `.part` so far, kept while writing when a digest is to be checked.
+    digest: files.PartDigest | None = None
 
     @classmethod
     def of(cls, record: DownloadRecord) -> _Download | None:
@@ -274,6 +284,7 @@ class DownloadActor(Actor):
                                   pool=p.connect_timeout),
             follow_redirects=False,  # followed by hand in `_open`: schemes checked, bodies unread
             trust_env=False,
+            transport=WideReadTransport(p.read_bytes),
             # byte offsets must be the file's, so no compression on the wire
             headers={"Accept-Encoding": "identity", "User-Agent": f"zenow/{__version__}"},
         )
@@ -560,7 +571,9 @@ class DownloadActor(Actor):
         except InvalidModelFile as exc:
             raise _Failure(f"{NOT_A_MODEL}: {str(exc).replace(str(part), part.name)}", discard_part=True) from None
         if target.sha256 is not None:
-            digest = await trio.to_thread.run_sync(files.sha256_of, part)
+            kept = download.digest
+            digest = (kept.hexdigest() if kept is not None and kept.size == size
+                      else await trio.to_thread.run_sync(files.sha256_of, part))
             if digest != target.sha256:
                 raise _Failure(f"sha256 mismatch: expected {target.sha256}, got {digest}", discard_part=True)
         return size, model_details(info)
@@ -572,8 +585,8 @@ class DownloadActor(Actor):
         download cannot succeed.
         """
         offset = await trio.to_thread.run_sync(files.file_size, part)
-        if offset and not await trio.to_thread.run_sync(files.has_gguf_magic, part):
-            offset = 0  # a .part that is no GGUF prefix is not worth resuming
+        if offset and not await trio.to_thread.run_sync(files.is_gguf_prefix, part):
+            offset = 0  # a .part that cannot begin a GGUF file is not worth resuming
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         try:
             async with self._open(download.target, headers) as response:
@@ -625,13 +638,26 @@ class DownloadActor(Actor):
 
     async def _check_room(self, directory: Path, needed: int, *, size_known: bool, received: int) -> None:
         """Raise `_Failure` (the `.part` stays) unless writing `needed` more bytes leaves the margin free."""
+        room = await self._room(directory)
+        if needed <= room:
+            return
+        self._no_room(directory, needed, room, size_known=size_known, received=received)
+
+    async def _room(self, directory: Path) -> int:
+        """Bytes that may still be written in `directory` with the margin left free (may be < 0).
+
+        Raises `_Failure` when the free space cannot be read.
+        """
         try:
             free = await trio.to_thread.run_sync(self._policy.free_space, directory)
         except OSError as exc:
             raise _Failure(f"cannot check the free disk space in {directory}: {exc.strerror or exc}") from exc
+        return free - self._settings.download_free_margin
+
+    def _no_room(self, directory: Path, needed: int, room: int, *, size_known: bool, received: int) -> NoReturn:
+        """Raise the `_Failure` of a download that needs `needed` more bytes where `room` may be written."""
         margin = self._settings.download_free_margin
-        if free - needed >= margin:
-            return
+        free = room + margin
         keep = f"and {_amount(margin)} must stay free (download_free_margin)"
         if size_known:
             raise _Failure(f"not enough disk space: the download needs {_amount(needed)} more,"
@@ -642,47 +668,62 @@ class DownloadActor(Actor):
     async def _receive(self, download: _Download, response: httpx.Response, part: Path, offset: int) -> None:
         """Write the body to the `.part` from `offset`; flush and fsync it when the body is complete.
 
+        The body is read in large chunks and written in batches by a worker thread while
+        the next batch arrives; progress is announced at most every `announce_interval`.
         Raises `_Dropped` when the body ends early, `_Failure` when the body is not a
         GGUF file, is longer than announced or than `max_download_size`, or the disk
         has no room for it.
         """
         policy, total = self._policy, download.total
         limit = self._settings.max_download_size
+        if download.target.sha256 is not None and download.digest is None:
+            download.digest = files.PartDigest()
         try:
-            writer = await trio.to_thread.run_sync(files.PartFile, part, offset)
+            writer = await trio.to_thread.run_sync(files.PartFile, part, offset, download.digest)
         except OSError as exc:
             raise _write_failure(part, exc) from exc
-        buffer = bytearray()
         received = 0
-        magic_checked = offset > 0  # a resumed .part was checked before the request
+        # the file's first bytes until the GGUF magic is checked (a resumed .part's were checked before
+        # the request: they are the magic, or a piece of it when the first connection dropped that early)
+        magic_checked = offset >= len(files.GGUF_MAGIC)
+        head = files.GGUF_MAGIC[:offset]
         failed = False
-        last_flush = last_checkpoint = trio.current_time()
+        last_flush = last_checkpoint = last_announce = trio.current_time()
+
+        sink = PartSink(writer, policy.write_back_bytes)
 
         async def flush() -> None:
-            if not buffer:
+            """Start writing what is buffered (the batch before it written first)."""
+            if not sink.buffered:
                 return
-            if total is None:  # nobody said how much is coming: look at the disk as it fills
-                await self._check_room(part.parent, len(buffer), size_known=False, received=download.downloaded)
-            data = bytes(buffer)
-            buffer.clear()
             try:
-                await trio.to_thread.run_sync(writer.write, data)
+                if total is None:  # nobody said how much is coming: look at the disk as it fills
+                    await sink.settle()
+                    room = await self._room(part.parent)
+                    if sink.buffered > room:  # what still fits is kept for a resume once space is freed
+                        needed = sink.buffered
+                        sink.keep_first(max(room, 0))
+                        await sink.write_all()
+                        self._no_room(part.parent, needed, room, size_known=False,
+                                      received=download.downloaded - needed + max(room, 0))
+                await sink.write_buffered()
             except OSError as exc:
                 raise _write_failure(part, exc) from exc
 
         try:
             try:
                 async for chunk in response.aiter_raw():
-                    buffer += chunk
                     received += len(chunk)
                     download.downloaded += len(chunk)
                     metrics.download_bytes(download.target.mode, len(chunk))
-                    self._announce(download.record())
-                    if not magic_checked and len(buffer) >= len(files.GGUF_MAGIC):
-                        if not buffer.startswith(files.GGUF_MAGIC):
-                            raise _Failure(f"the server's response is not a GGUF file ({_described(response)})",
-                                           discard_part=True)
-                        magic_checked = True
+                    if not magic_checked:
+                        head += chunk[:len(files.GGUF_MAGIC)]
+                        if len(head) >= len(files.GGUF_MAGIC):
+                            if not head.startswith(files.GGUF_MAGIC):
+                                raise _Failure(f"the server's response is not a GGUF file ({_described(response)})",
+                                               discard_part=True)
+                            magic_checked = True
+                    sink.add(chunk)
                     if total is not None and download.downloaded > total:
                         raise _Failure(f"the server sent more than the {total} bytes it announced",
                                        discard_part=True)
@@ -691,10 +732,13 @@ class DownloadActor(Actor):
                                        f" announcing a size; the limit is {_amount(limit)} (max_download_size)",
                                        discard_part=True)
                     now = trio.current_time()
-                    if magic_checked and (len(buffer) >= policy.flush_bytes
+                    if magic_checked and (sink.buffered >= policy.flush_bytes
                                           or now - last_flush >= policy.flush_interval):
                         await flush()
                         last_flush = now
+                    if now - last_announce >= policy.announce_interval:
+                        self._announce(download.record())
+                        last_announce = now
                     if now - last_checkpoint >= policy.checkpoint_interval:
                         await self._checkpoint(download)
                         last_checkpoint = now
@@ -708,11 +752,13 @@ class DownloadActor(Actor):
                                progressed=received > 0)
             await flush()
             try:
+                await sink.settle_all()
                 await trio.to_thread.run_sync(writer.sync)
             except OSError as exc:
                 raise _write_failure(part, exc) from exc
         except _Failure:
             failed = True  # what is still buffered is not worth the disk: no GGUF, too much, no room
+            sink.drop_buffered()
             raise
         finally:
             with trio.CancelScope(shield=True):
@@ -720,8 +766,14 @@ class DownloadActor(Actor):
                     # whatever arrived is kept for a resume, even when the transfer is being cancelled
                     try:
                         await flush()
+                        await sink.settle()
                     except _Failure as failure:
                         log.warning("download of %s: %s", download.target.shown_url, failure.reason)
+                    except OSError as exc:
+                        log.warning("download of %s: %s", download.target.shown_url,
+                                    _write_failure(part, exc).reason)
+                with suppress(Exception):
+                    await sink.settle_all()  # a thread still writing: the file stays open until it is done
                 try:
                     await trio.to_thread.run_sync(writer.close)
                 except OSError as exc:

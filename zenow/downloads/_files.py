@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from ..servers import GGUF_MAGIC, has_gguf_magic
 
 __all__ = [
     "GGUF_MAGIC",
     "ExistingFile",
+    "PartDigest",
     "PartFile",
     "existing_file",
     "file_size",
     "free_bytes",
     "has_gguf_magic",
+    "is_gguf_prefix",
     "part_path_of",
     "promote",
     "remove_file",
@@ -50,6 +52,17 @@ def sha256_of(path: Path) -> str:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_gguf_prefix(path: Path) -> bool:
+    """Whether the file's bytes can begin a GGUF file: it starts with the magic, or is a
+    shorter piece of it.  False when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError:
+        return False
+    return GGUF_MAGIC.startswith(head)
 
 
 def free_bytes(directory: Path) -> int:
@@ -83,29 +96,71 @@ def promote(part: Path, final: Path) -> None:
         os.close(fd)
 
 
+class PartDigest:
+    """The SHA-256 of a `.part`'s first `size` bytes, kept up to date as bytes are appended,
+    so that a complete file need not be read again to be checked."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def restart_from(self, path: Path, size: int) -> None:
+        """Hash the file's first `size` bytes afresh (a resume of a `.part` this digest has not seen)."""
+        self._hash, self.size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while self.size < size and (block := f.read(min(_HASH_BLOCK, size - self.size))):
+                self.update(block)
+        if self.size != size:
+            raise OSError(f"{path} is shorter than {size} bytes")
+
+
 class PartFile:
     """A `.part` file open for writing from `offset` on; what lies beyond `offset` is cut off.
 
-    Raises `OSError` from every method (ENOSPC when the disk is full).
+    With a `digest`, every byte written goes into it; a digest that does not cover exactly
+    the first `offset` bytes is first brought up to them from the file.  Raises `OSError`
+    from every method (ENOSPC when the disk is full).
     """
 
-    def __init__(self, path: Path, offset: int) -> None:
+    def __init__(self, path: Path, offset: int, digest: PartDigest | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
+        # unbuffered: the caller hands over large chunks, written as they are
+        self._file = open(path, "r+b" if path.exists() else "w+b", buffering=0)  # noqa: SIM115
         try:
             self._file.truncate(offset)
             self._file.seek(offset)
+            if digest is not None and digest.size != offset:
+                digest.restart_from(path, offset)
         except BaseException:
             self._file.close()
             raise
+        self._digest = digest
 
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append `chunks` in order (a short write is continued, never dropped)."""
+        # one piece: every call below lets go of the GIL and must win it back from the event loop
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
+        if self._digest is not None:
+            self._digest.update(data)
 
     def sync(self) -> None:
-        """Flush Python's buffer and the kernel's: the bytes are on the disk when this returns."""
-        self._file.flush()
+        """The bytes are on the disk when this returns."""
         os.fsync(self._file.fileno())
+
+    def write_back(self) -> None:
+        """Put the bytes written so far on the disk (their data, not the metadata); may run
+        in one thread while `write` runs in another, so that the last `sync` has little left."""
+        os.fdatasync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, Response, request
 
-from ..chat import DONE, ChatRequest, sse
+from ..chat import ChatRequest
 from ..errors import InvalidRequest
 from ._context import services
 from ._shapes import ChatAnswer, documented
@@ -83,12 +82,4 @@ async def chat() -> Response | dict[str, Any]:
         }
 
     stream = await streamer.open(chat_request)
-
-    async def frames() -> AsyncIterator[bytes]:
-        async for event in stream.events:
-            frame = sse(event)
-            if frame is not None:
-                yield frame
-        yield DONE
-
-    return sse_response(frames(), stream.cancel)
+    return sse_response(stream.frames(), stream.cancel)

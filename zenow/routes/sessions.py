@@ -6,11 +6,11 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint
+from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from ..errors import InvalidRequest
-from ._context import services
+from ._context import json_answer, services
 from ._shapes import (
     AddedMessage,
     CreatedSession,
@@ -88,9 +88,9 @@ async def create_session(data: CreateSession) -> dict[str, object]:
 @bp.get("/api/sessions")
 @documented(SessionList)
 @validate_querystring(SessionPage)
-async def list_sessions(query_args: SessionPage) -> dict[str, object]:
+async def list_sessions(query_args: SessionPage) -> Response:
     sessions, total = await services().store.list_sessions(query_args.limit, query_args.offset)
-    return {"sessions": [session_json(s) for s in sessions], "total": total}
+    return json_answer({"sessions": [session_json(s) for s in sessions], "total": total})
 
 
 @bp.get("/api/sessions/<session_id>")
@@ -123,26 +123,26 @@ async def delete_session(session_id: str) -> dict[str, object]:
 @bp.get("/api/sessions/<session_id>/messages")
 @documented(MessageList, 404)
 @validate_querystring(MessagePage)
-async def get_messages(session_id: str, query_args: MessagePage) -> dict[str, object]:
+async def get_messages(session_id: str, query_args: MessagePage) -> Response:
     sid = parse_id(session_id, "session_id")
     messages, total_tokens = await services().store.get_messages(sid, query_args.limit)
-    return {
+    return json_answer({
         "messages": [message_json(m) for m in messages],
         "session_id": sid,
         "total_tokens": total_tokens,
-    }
+    })
 
 
 @bp.post("/api/sessions/<session_id>/messages")
 @documented(AddedMessage, 404, 507)
 @validate_request(AddMessage)
-async def add_message(session_id: str, data: AddMessage) -> dict[str, object]:
+async def add_message(session_id: str, data: AddMessage) -> Response:
     sid = parse_id(session_id, "session_id")
     svc = services()
     await svc.store.get_session(sid)  # 404 before spending a tokenizer call
     tokens = await svc.tokens.count(data.content)
     message = await svc.store.add_message(sid, data.role, data.content, tokens)
-    return {"message_id": message.id, "token_count": message.token_count}
+    return json_answer({"message_id": message.id, "token_count": message.token_count})
 
 
 @bp.delete("/api/sessions/<session_id>/messages")

@@ -162,6 +162,10 @@ class Store:
     async def newest_messages(self, session_id: int, before_id: int | None, count: int) -> list[MessageInfo]:
         return await self._run(q.newest_messages, session_id, before_id, count)
 
+    async def session_with_newest_messages(self, session_id: int, count: int) -> tuple[SessionInfo, list[MessageInfo]]:
+        """The session and up to `count` of its newest messages (newest first), in one call."""
+        return await self._run(q.session_with_newest_messages, session_id, count)
+
     async def clear_messages(self, session_id: int) -> None:
         await self._write(q.clear_messages, lambda _: self._events.publish(MessagesCleared(session_id=session_id)),
                           session_id)

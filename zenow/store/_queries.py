@@ -101,7 +101,7 @@ def list_sessions(conn: sqlite3.Connection, limit: int, offset: int) -> tuple[li
             _SESSION_SELECT + " ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?",
             (limit, offset),
         ).fetchall()
-        (total,) = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        (total,) = conn.execute("SELECT sessions FROM session_count").fetchone()  # kept by triggers
     return [_session(r) for r in rows], int(total)
 
 
@@ -149,8 +149,10 @@ def get_messages(
     conn: sqlite3.Connection, session_id: int, limit: int | None
 ) -> tuple[list[MessageInfo], int]:
     """The session's messages oldest first (only the newest `limit` when given), and its token total."""
-    with _Transaction(conn):
-        _require_session(conn, session_id)
+    with _Transaction(conn):  # one snapshot for the messages and the total
+        found = conn.execute("SELECT total_tokens FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if found is None:
+            raise SessionNotFound()
         if limit is None:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY id", (session_id,)
@@ -160,10 +162,7 @@ def get_messages(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?",
                 (session_id, limit),
             ).fetchall()[::-1]
-        (total,) = conn.execute(
-            "SELECT COALESCE(SUM(token_count), 0) FROM messages WHERE session_id = ?", (session_id,)
-        ).fetchone()
-    return [_message(r) for r in rows], int(total)
+    return [_message(r) for r in rows], int(found[0])
 
 
 def newest_messages(
@@ -178,6 +177,19 @@ def newest_messages(
         (session_id, bound, bound, count),
     ).fetchall()
     return [_message(r) for r in rows]
+
+
+def session_with_newest_messages(
+    conn: sqlite3.Connection, session_id: int, count: int
+) -> tuple[SessionInfo, list[MessageInfo]]:
+    """The session and up to `count` of its newest messages, newest first, from one snapshot."""
+    with _Transaction(conn):
+        session = get_session(conn, session_id)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY id DESC LIMIT ?",
+            (session_id, count),
+        ).fetchall()
+    return session, [_message(r) for r in rows]
 
 
 def clear_messages(conn: sqlite3.Connection, session_id: int) -> None:

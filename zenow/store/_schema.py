@@ -77,6 +77,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE models ADD COLUMN details TEXT;
     """,
+    # 4 -> 5: the number of sessions kept in one row by triggers, so the list's `total` is read,
+    # not counted (COUNT(*) walks a whole index: linear in the sessions)
+    """
+    CREATE TABLE session_count (one INTEGER PRIMARY KEY CHECK (one = 1), sessions INTEGER NOT NULL);
+    INSERT INTO session_count (one, sessions) SELECT 1, COUNT(*) FROM sessions;
+    CREATE TRIGGER session_counted AFTER INSERT ON sessions
+        BEGIN UPDATE session_count SET sessions = sessions + 1; END;
+    CREATE TRIGGER session_uncounted AFTER DELETE ON sessions
+        BEGIN UPDATE session_count SET sessions = sessions - 1; END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
