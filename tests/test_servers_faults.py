@@ -434,3 +434,26 @@ async def test_stored_parameters_that_are_bad_now_are_reported_and_replaced(nurs
             min(8, len(os.sched_getaffinity(0))), 8192, 2048)
     warned = [r.getMessage() for r in caplog.records if "llm parameters" in r.getMessage()]
     assert len(warned) == 4 and any("system_prompt" in w for w in warned)
+
+
+async def test_a_model_that_does_not_wake_answers_503_saying_why(nursery, fake_settings, monkeypatch):
+    async with start_zenow(nursery, fake_settings) as zenow:
+        client = zenow.client
+        assert (await load(client, "alpha")).json()["server_status"] == "running"
+        await client.post("/api/models/update_param", params={"mode": "llm"}, json={"keep_alive": 1})
+        stopped = await wait_status(client, "stopped")
+        assert stopped["reason"] == "idle" and stopped["model_name"] == "alpha"
+        monkeypatch.setenv("FAKE_LLAMA_FAIL_START", "1")  # the next child cannot load its model
+        sid = (await client.post("/api/sessions", json={"first_message": "hi"})).json()["session_id"]
+        chat = await client.post("/api/chat", json={"session_id": sid, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 503, chat.text
+        assert chat.json()["detail"].startswith("The llm model stopped for idleness did not start again")
+        v1 = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert v1.status_code == 503, v1.text  # the failed start left the mode in error: said so
+        assert "(error)" in v1.json()["error"]["message"]
+        monkeypatch.delenv("FAKE_LLAMA_FAIL_START")
+        assert (await client.get("/api/health")).status_code == 200  # still serving
+        brew = await client.request("BREW", "/api/health")
+        assert brew.status_code in (400, 405)
+        scrape = (await client.get("/metrics")).text
+        assert 'method="other"' in scrape and 'method="BREW"' not in scrape  # no series per invented method

@@ -17,7 +17,8 @@ the exception is the `detail` the client sees::
     │   ├── ModelNotLoaded        503: nothing runs and the request named no model (`/v1`)
     │   └── BackendUnavailable    503: the mode's remote backend (`backend_url`) does not answer
     ├── ServerStartFailed         500: llama-server did not come up; says why
-    │   └── ModelLoadFailed       500: the model a request named did not start
+    │   ├── ModelLoadFailed       500: the model a request named did not start
+    │   └── ModelWakeFailed       503: a model stopped for idleness did not start again
     ├── ModelBusy                 409: a switch of model waited too long for requests in flight
     ├── BackendInUse              409: a load for a mode that a remote backend serves
     ├── UpstreamError             502: llama-server answered badly or went away
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidRequest",
     "ModelBusy",
     "ModelLoadFailed",
+    "ModelWakeFailed",
     "ModelNotLoaded",
     "ModelNotFound",
     "NotFound",
@@ -181,6 +183,13 @@ class ModelLoadFailed(ServerStartFailed):
     """The model a request named did not start; the message says why."""
 
     default_param, default_code = "model", "model_load_failed"
+
+
+class ModelWakeFailed(ServerStartFailed):
+    """A model stopped for idleness (`keep_alive`) did not start again for a request; says why."""
+
+    status_code = 503
+    default_code = "model_wake_failed"
 
 
 class ModelBusy(ZenowError):

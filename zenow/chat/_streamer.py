@@ -189,9 +189,14 @@ class ChatStreamerActor(Actor):
         # counted on its session before the session is read: another chat on it that starts or
         # runs meanwhile is seen, and the history is read again under the lock (`_generate`)
         chats = self._join(request.session_id)
+        # the llm server is in use from now on, not only once the lease is taken: an idle stop
+        # between the wake in `_prepare` and the lease would make this chat start it twice
+        activity = self.llm.activity
+        activity.begin()
         try:
             await self._chat_joined(request, chats, send, scope, ready)
         finally:
+            activity.end()
             self._leave(request.session_id)
 
     async def _chat_joined(self, request: ChatRequest, chats: _SessionChats,

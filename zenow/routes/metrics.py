@@ -21,12 +21,17 @@ async def note_arrival() -> None:
     g.zenow_arrived = time.perf_counter()
 
 
+#: The methods counted by name; any other is counted as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 @bp.after_app_request
 async def count_answer(response: Response) -> Response:
     # The route's pattern, never the path: ids and bad URLs must not grow the series without bound.
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
     arrived = g.get("zenow_arrived")
-    metrics.request_answered(request.method, route, response.status_code,
+    method = request.method if request.method in _METHODS else "other"  # any token is a method to HTTP
+    metrics.request_answered(method, route, response.status_code,
                              None if arrived is None else time.perf_counter() - arrived)
     return response
 

@@ -29,6 +29,7 @@ starts the mode's current model locally again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -50,6 +51,7 @@ from ..errors import (
     InvalidModelFile,
     InvalidRequest,
     ModelNotFound,
+    ModelWakeFailed,
     ServerNotRunning,
     ServerStartFailed,
     StoreError,
@@ -371,9 +373,16 @@ class ServerActor(Actor):
                 await self._backend_keys.write(self.mode, key_change.key)
             except OSError as exc:
                 raise StoreError(f"backend_api_key: could not be stored: {exc.strerror or exc}") from None
-            self._backend_key = key_change.key
         if update.stored:
-            await self.store.set_parameters(self.mode, update.stored)
+            try:
+                await self.store.set_parameters(self.mode, update.stored)
+            except BaseException:
+                if key_change is not None:  # nothing changed: the key file as it was
+                    with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                        await self._backend_keys.write(self.mode, self._backend_key)
+                raise
+        if key_change is not None:
+            self._backend_key = key_change.key
         self._params, self._context_overflow = update.parameters, update.context_overflow
         self.board.parameters, self.board.context_overflow = self._shown_parameters(), update.context_overflow
         self.store.events.publish(ParametersChanged(mode=self.mode, parameters=self._shown_parameters(),
@@ -839,22 +848,31 @@ class ServerHandle:
     async def wake(self) -> ServerStatus:
         """The status, after starting the mode's model again if it was stopped for idleness, or
         waiting for the start another request began (so concurrent requests all wait for one
-        start).  Raises `ServerStartFailed`."""
+        start).  Raises `ModelWakeFailed` (503) when it did not come up again, saying why."""
         if self._waking is not None:
             await self._waking.wait()
-            return self._board.status
+            # the request that began the start may have gone; the start goes on in the actor
+            while self._board.status.status == "starting":
+                await self._board.activity.changed()
+            return self._woken(self._board.status)
         if not self.asleep():
             return self._board.status
         self._board.activity.touch()
         waking = self._waking = trio.Event()
         try:
             status = await self._ref.call(ServerActor.wake)
+        except ServerStartFailed as exc:
+            raise ModelWakeFailed(f"The {self.mode} model stopped for idleness did not start again: {exc}") from exc
         finally:
             self._waking = None
             waking.set()
-        if status.status == "stopped":
-            raise ServerStartFailed(f"The {self.mode} model {status.model_name!r} did not start again")
-        return status
+        return self._woken(status)
+
+    def _woken(self, status: ServerStatus) -> ServerStatus:
+        if status.status == "running":
+            return status
+        why = f": {status.error_message}" if status.error_message else f" (it is {status.status})"
+        raise ModelWakeFailed(f"The {self.mode} model {status.model_name!r} did not start again{why}")
 
     def context_warning(self) -> str | None:
         """What to tell a client when `context_size` is more than the mode's model was trained for."""

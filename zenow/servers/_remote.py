@@ -293,7 +293,8 @@ def _refusal(path: str, response: httpx.Response) -> str:
     message = body.get("error") if isinstance(body, dict) else None
     if isinstance(message, dict):
         message = message.get("message")
-    said = f": {str(message)[:200]}" if message else ""
     if response.status_code in (401, 403):
-        return f"refused the key ({path} answered {response.status_code}{said}): check backend_api_key"
+        # its own words are left out: some services echo part of the key they were sent
+        return f"refused the key ({path} answered {response.status_code}): check backend_api_key"
+    said = f": {str(message)[:200]}" if message else ""
     return f"is not ready ({path} answered {response.status_code}{said})"
