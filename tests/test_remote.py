@@ -212,7 +212,22 @@ async def test_a_remote_embed_mode_answers_v1_embeddings(nursery, settings, even
     assert sent["body"]["model"] == "remote-embedder.gguf" and sent["body"]["input"] == ["a cat", "a dog"]
 
 
-async def test_a_backend_set_before_a_restart_is_served_again_without_a_child(nursery, tmp_path, tiny_models):
+async def health_checks_pass(event_log, more: int) -> None:
+    """Return once the remote has had `more` health checks from now: the server actor went
+    round its loop that often, so whatever it would have done meanwhile, it did."""
+    def checks() -> int:
+        return sum(e["path"] == "/health" for e in fake_events(event_log, "request"))
+
+    start = checks()
+
+    async def enough() -> bool:
+        return checks() >= start + more
+
+    await wait_for(enough, what=f"{more} more health checks of the remote")
+
+
+async def test_a_backend_set_before_a_restart_is_served_again_without_a_child(nursery, tmp_path, tiny_models,
+                                                                               event_log):
     home = tmp_path / "home"
     async with remote_server(fake_argv(), KEY) as remote:
         settings = make_settings(home, backend_check_interval=0.2, default_llm=tiny_models["llm"],
@@ -223,18 +238,18 @@ async def test_a_backend_set_before_a_restart_is_served_again_without_a_child(nu
         async with start_zenow(nursery, settings) as zenow:
             status = await wait_status(zenow.client, "running")
             assert status["backend_url"] == remote.url
-            await trio.sleep(0.5)
+            await health_checks_pass(event_log, 3)
             assert local_children() == []
 
 
-async def test_keep_alive_never_stops_a_remote_backend(nursery, settings):
+async def test_keep_alive_never_stops_a_remote_backend(nursery, settings, event_log):
     # Idle unload stops zenow's own children; a backend is not zenow's to stop, and /metrics
     # does not scrape it as one of zenow's llama-servers.
     async with remote_server(fake_argv(), KEY) as remote, start_zenow(nursery, settings) as zenow:
         client = zenow.client
         await use_backend(client, backend_url=remote.url, backend_api_key=KEY, keep_alive=1)
         await wait_status(client, "running")
-        await trio.sleep(2.5)  # well past keep_alive, several idle checks
+        await health_checks_pass(event_log, 15)  # 3 s of checks every 0.2 s: well past keep_alive
         status = (await client.get("/api/server/status", params={"mode": "llm"})).json()
         assert status["status"] == "running" and "reason" not in status
         scrape = (await client.get("/metrics")).text
