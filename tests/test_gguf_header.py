@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.gguf_reference import gguf_reference
 from tests.support.tiny_models import write_stub_model
 from zenow.errors import InvalidModelFile
 from zenow.servers._gguf import GGML_BLOCK_SIZES, GGUFInfo, has_gguf_magic, read_gguf_info
@@ -78,30 +79,10 @@ def refused(path: Path) -> str:
 # ---------------------------------------------------------------- real files
 
 
-def reference(path: Path) -> dict:
-    reader = gguf.GGUFReader(path)
-
-    def field(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
-    return {
-        "architecture": arch, "name": field("general.name"),
-        "context_length": field(f"{arch}.context_length"), "embedding_length": field(f"{arch}.embedding_length"),
-        "block_count": field(f"{arch}.block_count"), "head_count": field(f"{arch}.attention.head_count"),
-        "head_count_kv": field(f"{arch}.attention.head_count_kv"), "file_type": field("general.file_type"),
-        "pooling_type": field(f"{arch}.pooling_type"),
-        "has_chat_template": "tokenizer.chat_template" in reader.fields,
-        "parameter_count": sum(int(t.n_elements) for t in reader.tensors),
-        "tensor_count": len(reader.tensors), "data_offset": reader.data_offset,
-    }
-
-
 def test_real_models_read_as_the_gguf_package_reads_them(tiny_models, smollm2):
     for path in [*tiny_models.values(), smollm2]:
         info = read_gguf_info(path)
-        expected = reference(path)
+        expected = gguf_reference(path)
         assert {k: getattr(info, k) for k in expected} == expected, path
         assert info.file_size == path.stat().st_size and info.version == 3
 

@@ -9,9 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
-import gguf
-
 from tests.support.file_server import FileServer
+from tests.support.gguf_reference import gguf_reference
 from tests.support.harness import make_settings, start_zenow
 from tests.support.llama import llama_children
 
@@ -27,24 +26,15 @@ def place(home: Path, mode: str, source: Path, name: str | None = None) -> Path:
     return target
 
 
+#: What `details` shows of the header, checked against the gguf package's reading.
+DETAIL_KEYS = ("architecture", "parameter_count", "file_type", "context_length", "embedding_length",
+               "has_chat_template")
+
+
 def header_says(path: Path) -> dict:
     """What the gguf package reads in the file: the reference for zenow's own reader."""
-    reader = gguf.GGUFReader(path)
-
-    def field(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
-    return {
-        "architecture": arch,
-        "parameter_count": sum(int(t.n_elements) for t in reader.tensors),
-        "file_type": field("general.file_type"),
-        "context_length": field(f"{arch}.context_length"),
-        "embedding_length": field(f"{arch}.embedding_length"),
-        "has_chat_template": "tokenizer.chat_template" in reader.fields,
-        "file_size": path.stat().st_size,
-    }
+    reference = gguf_reference(path)
+    return {**{k: reference[k] for k in DETAIL_KEYS}, "file_size": path.stat().st_size}
 
 
 async def listed(client, mode=None) -> dict:
