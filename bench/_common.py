@@ -9,6 +9,7 @@ differences measured side by side mean anything.  Nothing here is a test.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,20 @@ def machine() -> dict[str, Any]:
         "versions": {name: version(name) for name in ("trio", "hypercorn", "quart-trio", "httpx")},
         "command": " ".join(["python", *sys.argv]),
     }
+
+
+def run_and_record(name: str, run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+                   render: Callable[[dict[str, Any]], str], args: argparse.Namespace,
+                   timeout: float | None = None) -> Path:
+    """Run the benchmark `run(args)` on trio within `timeout` seconds (default `args.timeout`),
+    then print its table (`render`) and write its results (`write_results`)."""
+
+    async def bounded() -> dict[str, Any]:
+        with trio.fail_after(args.timeout if timeout is None else timeout):
+            return await run(args)
+
+    results = trio.run(bounded)
+    return write_results(name, results, render(results))
 
 
 def write_results(name: str, results: dict[str, Any], text: str) -> Path:

@@ -28,6 +28,7 @@ from _common import (
     llm_child_argv,
     median,
     p90,
+    run_and_record,
     same_flags_other_port,
     smollm2,
     start_llama_server,
@@ -35,7 +36,6 @@ from _common import (
     table,
     timed_stream,
     wait_llm_running,
-    write_results,
     zenow_env,
 )
 
@@ -136,12 +136,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.tokens = min(args.rounds, 3), min(args.tokens, 64)
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(args.timeout):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results(args.name, results, render(results))
+    run_and_record(args.name, run, render, args)
 
 
 if __name__ == "__main__":

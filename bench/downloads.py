@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import client, fmt, free_port, median, p90, start_zenow, table, write_results, zenow_env
+from _common import client, fmt, free_port, median, p90, run_and_record, start_zenow, table, zenow_env
 
 
 def make_file(path: Path, size: int) -> None:
@@ -96,12 +96,7 @@ def main() -> None:
     if args.quick:
         args.size_mib, args.rounds = min(args.size_mib, 256), 1
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(600):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results("downloads", results, render(results))
+    run_and_record("downloads", run, render, args, timeout=600)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import trio
-from _common import BENCH, REPO, fmt, free_port, median, p90, rss_mib, table, write_results, zenow_env
+from _common import BENCH, REPO, fmt, free_port, median, p90, rss_mib, run_and_record, table, zenow_env
 
 
 async def first_answer(argv: list[str], env: dict[str, str] | None, port: int) -> tuple[float, float]:
@@ -80,12 +80,7 @@ def main() -> None:
     if args.quick:
         args.rounds = 2
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(300):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results("footprint", results, render(results))
+    run_and_record("footprint", run, render, args, timeout=300)
 
 
 if __name__ == "__main__":

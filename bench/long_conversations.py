@@ -28,12 +28,12 @@ from _common import (
     llama_server_binary,
     median,
     p90,
+    run_and_record,
     smollm2,
     start_zenow,
     table,
     timed_stream,
     wait_llm_running,
-    write_results,
     zenow_env,
 )
 
@@ -130,12 +130,7 @@ def main() -> None:
     if args.quick:
         args.turns = min(args.turns, 6)
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(args.timeout):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results(args.name, results, render(results))
+    run_and_record(args.name, run, render, args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import client, fmt, median, p90, start_bare, start_zenow, table, write_results, zenow_env
+from _common import client, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
 
 from zenow.store import _queries as q
 
@@ -217,12 +217,7 @@ def main() -> None:
         args.messages, args.big, args.sizes, args.rounds = 100_000, 10_000, [1000, 10_000], 1
         args.requests, args.inserts, args.per_client = 100, 100, 20
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(args.timeout):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results("store_scale", results, render(results))
+    run_and_record("store_scale", run, render, args)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,11 @@ from _common import (
     median,
     percentile,
     rss_mib,
+    run_and_record,
     start_bare,
     start_zenow,
     table,
     wait_llm_running,
-    write_results,
     zenow_env,
 )
 
@@ -199,12 +199,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.tokens = 1, min(args.tokens, 200)
 
-    async def bounded() -> dict[str, Any]:
-        with trio.fail_after(args.timeout):
-            return await run(args)
-
-    results = trio.run(bounded)
-    write_results("stream_fanin", results, render(results))
+    run_and_record("stream_fanin", run, render, args)
 
 
 if __name__ == "__main__":
