@@ -136,7 +136,7 @@ class _ServerStatusLike(Protocol):
     @property
     def backend_url(self) -> str | None: ...
     @property
-    def token_counting(self) -> str: ...
+    def token_counting(self) -> str | None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,16 +165,22 @@ class ServerStatusEvent(Event):
 
     def state(self) -> dict[str, Any]:
         """The status as `GET /api/server/status` shows it."""
-        state = {"status": self.status, "model_name": self.model_name, "model_path": self.model_path,
-                 "is_running": self.status == "running", "error_message": self.error_message}
-        if self.reason is not None:
-            state["reason"] = self.reason
-        if self.backend_url is not None:
-            state |= {"backend_url": self.backend_url, "token_counting": self.token_counting}
-        return state
+        return status_state(self)
 
     def payload(self) -> dict[str, Any]:
         return {"mode": self.mode, **self.state()}
+
+
+def status_state(status: _ServerStatusLike) -> dict[str, Any]:
+    """A mode's status as `GET /api/server/status` shows it (the spec's section 4), plus `reason`
+    when it is `stopped`; a mode served by a remote backend adds `backend_url` and `token_counting`."""
+    state = {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
+             "is_running": status.status == "running", "error_message": status.error_message}
+    if status.reason is not None:
+        state["reason"] = status.reason
+    if status.backend_url is not None:
+        state |= {"backend_url": status.backend_url, "token_counting": status.token_counting}
+    return state
 
 
 @dataclass(frozen=True, kw_only=True)

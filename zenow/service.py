@@ -184,7 +184,7 @@ async def _run(
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(
-                        "chat streamer", partial(ChatStreamerActor, store, servers["llm"], tokens)
+                        "chat streamer", partial(ChatStreamerActor, store, servers["llm"])
                     ),
                     max_streams=settings.max_chat_streams,
                 )

@@ -51,7 +51,7 @@ from ..errors import (
 )
 from ..servers import ServerHandle, ServerStatus
 from ..store import MessageInfo, Store
-from ..tokens import TokenCounter, estimate_tokens
+from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
 from ._prompt import Turn, history_in_steps
 from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
@@ -151,14 +151,10 @@ class _SessionChats:
 
 
 class ChatStreamerActor(Actor):
-    """Answers chats: each in a task of its own (see the module docstring).
+    """Answers chats: each in a task of its own (see the module docstring); tokens are
+    counted with one batched `/tokenize` call per chat."""
 
-    `tokens` is not used any more (counts go through one batched `/tokenize` call per
-    chat); it is accepted for the service's wiring.
-    """
-
-    def __init__(self, store: Store, llm: ServerHandle, tokens: TokenCounter | None = None,
-                 read_timeout: float = 600.0) -> None:
+    def __init__(self, store: Store, llm: ServerHandle, read_timeout: float = 600.0) -> None:
         self.store = store
         self.llm = llm
         self._sessions: dict[int, _SessionChats] = {}

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from quart_schema import document_querystring, document_request, document_response
 
+from ..events import status_state
 from ..servers import ServerStatus
 from ..store import MessageInfo, ModelDetails, ModelInfo, SessionInfo
 
@@ -295,12 +296,5 @@ def details_json(details: ModelDetails | None) -> dict[str, Any] | None:
 
 
 def server_status_json(status: ServerStatus) -> dict[str, Any]:
-    """A mode's status as the spec shows it (section 4), plus `reason` when it is `stopped`; a mode
-    served by a remote backend adds `backend_url` and `token_counting`."""
-    shown = {"status": status.status, "model_name": status.model_name, "model_path": status.model_path,
-             "is_running": status.is_running, "error_message": status.error_message}
-    if status.reason is not None:
-        shown["reason"] = status.reason
-    if status.backend_url is not None:
-        shown |= {"backend_url": status.backend_url, "token_counting": status.token_counting}
-    return shown
+    """A mode's status as the spec shows it (section 4); see `zenow.events.status_state`."""
+    return status_state(status)

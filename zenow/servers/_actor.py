@@ -546,7 +546,7 @@ class ServerActor(Actor):
     async def _check_memory(self, model: _Model, n_ctx: int, *, param: str) -> None:
         """Raise `InvalidRequest` (nothing touched) when starting `model` with `n_ctx` tokens needs
         more memory than is available, counting what stopping this mode's child would free."""
-        slots = int(self._params.get("parallel", 1)) if self.mode == "llm" else 1
+        slots = self._slots(self._params)
         needed = _memory.load_needs(model.info, n_ctx * slots)  # every slot has its own KV cache
         per_slot, or_parallel = (f" in each of {slots} parallel slots", " or parallel") if slots > 1 else ("", "")
         child = self._child
@@ -600,11 +600,15 @@ class ServerActor(Actor):
             child.cancel_scope.cancel()
             await child.done.wait()
 
+    def _slots(self, params: dict[str, Any]) -> int:
+        """Conversations the child serves at once with `params`: `parallel` for llm, else one."""
+        return int(params.get("parallel", 1)) if self.mode == "llm" else 1
+
     def _command(self, binary: str, model: _Model, port: int, n_ctx: int) -> list[str]:
         """llama-server's command line for `model` on `port`, with `n_ctx` tokens per conversation."""
         p = self._params
         # llm: `parallel` slots of `n_ctx` tokens each (llama-server splits -c evenly between them)
-        slots = int(p.get("parallel", 1)) if self.mode == "llm" else 1
+        slots = self._slots(p)
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
