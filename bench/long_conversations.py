@@ -8,7 +8,7 @@ history trimmed in steps (zenow/chat/_prompt.py) the long session's prompt keeps
 turn to turn, so llama-server reuses its cached tokens and computes only the new ones; at a step
 (old messages dropped) it computes the whole history once.
 
-    python bench/long_conversations.py [--turns 20] [--quick] [--zenow-path DIR]
+    python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
 
 Target (issue 11): turn N of the long session within 1.5x the first-token time of a short one.
 """
@@ -51,7 +51,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 async with client(zenow.url) as http:
                     await wait_llm_running(http)
-                    await http.post("/api/models/update_param", json={"context_size": CONTEXT})
+                    await http.post("/api/models/update_param",
+                                    json={"context_size": CONTEXT, "flash_attn": args.flash_attn})
                     await wait_llm_running(http)
                     results = await measure(args, http)
             finally:
@@ -94,6 +95,7 @@ async def measure(args: argparse.Namespace, http: Any) -> dict[str, Any]:
             long.append(await turn(long_sid, n))
             fresh.append(await turn(sid, n))
     return {"turns": args.turns, "tokens": args.tokens, "context_size": CONTEXT, "stored_tokens": stored,
+            "flash_attn": args.flash_attn,
             "fresh_first_ms": fresh, "long_first_ms": long,
             "ratio": [lg / fr for lg, fr in zip(long, fresh, strict=True)]}
 
@@ -111,7 +113,8 @@ def render(results: dict[str, Any]) -> str:
     over = sum(r > 1.5 for r in ratio)
     head = (f"Long conversations: context {results['context_size']} per conversation (history budget "
             f"{results['context_size'] // 2}), a session holding {results['stored_tokens']} tokens, "
-            f"{results['turns']} turns of {results['tokens']} tokens, SmolLM2-135M\n\n")
+            f"{results['turns']} turns of {results['tokens']} tokens, SmolLM2-135M, "
+            f"flash_attn {results.get('flash_attn', 'auto')}\n\n")
     return head + table(["turn", "fresh session first token ms", "long session first token ms", "ratio",
                          "fresh: prompt tokens computed", "long: prompt tokens computed"], rows) + (
         f"\n\nturns over 1.5x: {over} of {len(ratio)}")
@@ -123,6 +126,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--exchanges", type=int, default=40, help="stored exchanges (about 75 tokens each)")
     parser.add_argument("--quick", action="store_true", help="6 turns")
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="the llm's flash_attn parameter (auto: off on the CPU; on: llama-server's "
+                             "own default on the CPU before zenow chose)")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="long_conversations")
     parser.add_argument("--timeout", type=float, default=900)

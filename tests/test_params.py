@@ -41,11 +41,11 @@ def test_defaults_follow_the_spec_and_the_machine():
     assert {k: v for k, v in llm().items() if k != "system_prompt"} == {
         "context_size": 8192, "threads": 2, "gpu_layers": 0, "batch_size": 512,
         "temperature": 0.7, "repeat_penalty": 1.1, "max_tokens": 2048, "parallel": 4, "rpc_servers": [],
-        "keep_alive": -1, "backend_url": "", "backend_model": "",
+        "keep_alive": -1, "backend_url": "", "backend_model": "", "flash_attn": "auto",
     }
     assert defaults_for("embed", "", 64)["threads"] == 8  # at most 8 by default
     assert set(defaults_for("rerank", "", 1)) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers",
-                                                  "keep_alive", "backend_url", "backend_model"}
+                                                  "keep_alive", "backend_url", "backend_model", "flash_attn"}
     assert defaults_for("embed", "", 1)["keep_alive"] == defaults_for("rerank", "", 1)["keep_alive"] == -1
 
 

@@ -239,11 +239,35 @@ async def test_parameter_defaults_follow_the_spec(client):
     embed = (await client.get("/api/models/get_param", params={"mode": "embed"})).json()
     backend = {"backend_url", "backend_model", "backend_api_key_set"}
     assert set(embed) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "keep_alive",
-                          "normalize", "truncate", *backend}
+                          "flash_attn", "normalize", "truncate", *backend}
     assert embed["normalize"] is True and embed["truncate"] is True
     rerank = (await client.get("/api/models/get_param", params={"mode": "rerank"})).json()
-    assert set(rerank) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "keep_alive", *backend}
+    assert set(rerank) == {"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "keep_alive",
+                           "flash_attn", *backend}
     assert {rerank[k] for k in backend} == {"", False}
+
+
+async def test_flash_attention_is_off_on_the_cpu_unless_asked_for(nursery, fake_settings):
+    def fa_flag():
+        (child,) = llama_children(os.getpid())
+        argv = cmdline(child)
+        return argv[argv.index("-fa") + 1]
+
+    async with start_zenow(nursery, fake_settings) as zenow:
+        client = zenow.client
+        assert (await client.get("/api/models/get_param")).json()["flash_attn"] == "auto"
+        assert (await load(client, "alpha")).json()["server_status"] == "running"
+        assert fa_flag() == "off"  # every layer on the CPU
+        answer = await client.post("/api/models/update_param", json={"gpu_layers": 99})
+        assert answer.json()["requires_restart"] is True
+        assert fa_flag() == "auto"  # offloaded: llama-server decides for its device
+        answer = await client.post("/api/models/update_param", json={"flash_attn": "on", "gpu_layers": 0})
+        assert answer.json()["requires_restart"] is True
+        assert fa_flag() == "on"  # asked for: passed as it is
+        refused = await client.post("/api/models/update_param", json={"flash_attn": "yes"})
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith("flash_attn:") and "'auto'" in refused.json()["detail"]
+        assert (await client.get("/api/models/get_param")).json()["flash_attn"] == "on"
 
 
 async def test_loading_the_running_model_again_keeps_its_server(nursery, fake_settings):

@@ -612,7 +612,7 @@ class ServerActor(Actor):
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
-            "-b", str(p["batch_size"]), "--no-webui", "--metrics",
+            "-b", str(p["batch_size"]), "--no-webui", "--metrics", "-fa", _flash_attention(p),
         ]
         if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
             argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
@@ -775,6 +775,15 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     """`-ngl`: RPC workers count as offload devices, so with workers and `gpu_layers` 0 every
     layer goes to them (split by their free memory); `gpu_layers` N keeps the rest here."""
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
+
+
+def _flash_attention(params: dict[str, Any]) -> str:
+    """`-fa`: as asked, or for "auto" off on the CPU (llama.cpp's CPU kernels are slower with
+    it) and llama-server's own "auto" when layers are offloaded."""
+    chosen = str(params.get("flash_attn", "auto"))
+    if chosen != "auto":
+        return chosen
+    return "off" if _offloaded_layers(params) == 0 else "auto"
 
 
 #: Seconds a llama-server gets to answer a scrape of its figures.

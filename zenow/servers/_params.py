@@ -17,7 +17,7 @@ Bounds that depend on the machine or the model come in a `Bounds`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 #: Parameters that are llama-server command-line flags: changing one restarts the server.
-SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "parallel"})
+SERVER_KEYS = frozenset({"context_size", "threads", "gpu_layers", "batch_size", "rpc_servers", "parallel",
+                         "flash_attn"})
 
 #: Parameters that choose a remote backend for the mode instead of a local child (see `_remote`).
 BACKEND_KEYS = frozenset({"backend_url", "backend_model"})
@@ -108,6 +109,11 @@ class _Server(BaseModel):
     #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
     rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
         default_factory=list, max_length=16)
+    #: llama-server's flash attention (`-fa`).  "auto" is zenow's choice: off when the model runs
+    #: on the CPU (`gpu_layers` 0, no RPC workers), where llama.cpp's flash attention kernels are
+    #: slower (about 3x on a turn's first token deep in a conversation: bench/RESULTS.md), and
+    #: llama-server's own "auto" otherwise (on for a GPU that supports it).
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     #: Seconds without a request before the server is stopped (status `stopped`, reason `idle`;
     #: the next request starts it again); -1 never.  Not a server flag: a change restarts nothing.
     keep_alive: int = Field(-1, ge=-1, le=KEEP_ALIVE_MAX)
