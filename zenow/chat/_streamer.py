@@ -39,6 +39,7 @@ import trio
 
 from .. import metrics
 from ..actor import Actor, ActorRef
+from ..channels import receive_waiting, send_soon
 from ..errors import (
     ActorCrashed,
     ActorUnavailable,
@@ -99,10 +100,7 @@ class ChatStream:
         """The reply as SSE, ending with `data: [DONE]`: each chunk holds whole events, every
         event already waiting when one arrives (a lagging reader gets fewer, larger chunks)."""
         async for event in self.events:
-            frames = [sse(event)]
-            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                while True:
-                    frames.append(sse(self.events.receive_nowait()))
+            frames = [sse(waiting) for waiting in receive_waiting(event, self.events)]
             chunk = b"".join(frame for frame in frames if frame is not None)
             if chunk:
                 yield chunk
@@ -450,7 +448,7 @@ class ChatStreamerActor(Actor):
                         generating.set()
                         metrics.first_delta(parts, prepared.request.received_at)
                         parts.append(literal)
-                        await send.send(Delta(frames, literal))
+                        await send_soon(send, Delta(frames, literal))
                     if reader.done:
                         return Finished(reader.finish_reason, reader.usage)
                 return Failed("llama-server ended the stream without [DONE]")

@@ -21,6 +21,7 @@ import outcome
 import trio
 
 from ..actor import Actor
+from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
 from ._shapes import DONE, chat_chunk, error_event, sse, upstream_failure
 
@@ -167,7 +168,7 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                     message = error.get("message", error) if isinstance(error, dict) else error
                     await fail(f"llama-server failed: {message}")
                     return
-                await frames.send(sse(chat_chunk(chunk, call.model_name)))
+                await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
         await fail("llama-server ended the stream without [DONE]")
     except httpx.HTTPError as exc:
         await fail(_connection_failed(exc))

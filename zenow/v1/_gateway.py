@@ -22,6 +22,7 @@ import outcome
 import trio
 
 from ..actor import ActorRef
+from ..channels import receive_waiting
 from ..errors import ActorUnavailable, InvalidRequest, ModelNotFound, UpstreamError
 from ..servers import Lease, ServerHandle, ServerStatus
 from ..settings import MODES, Mode, is_mode
@@ -82,12 +83,15 @@ class CompletionStream:
         self.events.close()
 
     async def frames(self) -> AsyncIterator[bytes]:
-        """The events; if the stream stopped without `DONE` (zenow shutting down), an error
-        event and `DONE` end it all the same."""
+        """The events, every one already waiting when one arrives in one chunk (a lagging reader
+        gets fewer, larger chunks); if the stream stopped without `DONE` (zenow shutting down),
+        an error event and `DONE` end it all the same."""
         async for frame in self.events:
-            yield frame
-            if frame == DONE:
+            waiting = receive_waiting(frame, self.events)
+            if DONE in waiting:  # nothing follows it
+                yield b"".join(waiting[:waiting.index(DONE) + 1])
                 return
+            yield b"".join(waiting)
         yield error_event("the stream stopped before its end (zenow is stopping?)", "stream_interrupted")
         yield DONE
 
