@@ -202,3 +202,20 @@ async def test_a_switch_waits_for_an_api_chat_stream_and_never_cuts_it(
     finished = events(event_log, "stream_finished")
     started = events(event_log, "listening")
     assert len(started) == 2 and finished[0]["time"] < started[1]["time"]  # b started only after the chat ended
+
+
+async def test_a_lagging_v1_reader_gets_every_waiting_event_in_one_chunk_ending_at_done():
+    from zenow.v1._gateway import CompletionStream
+    from zenow.v1._shapes import DONE
+
+    send, receive = trio.open_memory_channel[bytes](32)
+    frames = CompletionStream(receive, trio.CancelScope()).frames()
+    waiting = [b'data: {"n":%d}\n\n' % i for i in range(5)]
+    for frame in waiting:
+        send.send_nowait(frame)
+    assert await frames.__anext__() == b"".join(waiting)  # all of them, in order, at once
+    send.send_nowait(b'data: {"n":5}\n\n')
+    send.send_nowait(DONE)
+    send.send_nowait(b'data: {"after":"done"}\n\n')  # never sent: the stream ends at DONE
+    assert await frames.__anext__() == b'data: {"n":5}\n\n' + DONE
+    assert [chunk async for chunk in frames] == []
