@@ -442,6 +442,27 @@ async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_mo
         assert llama_children(os.getpid()) == [running]
 
 
+async def test_more_parallel_slots_than_memory_holds_are_refused_before_the_restart(
+        nursery, fake_settings, home, memory):
+    gguf(home / "models" / "llm", "huge", context_length=131072, block_count=32, embedding_length=4096,
+         head_count=32, head_count_kv=8)
+    async with start_zenow(nursery, fake_settings) as zenow:
+        client = zenow.client
+        memory["bytes"] = 24 * 2**30  # one slot's 16 GiB KV cache fits, two do not
+        narrow = await client.post("/api/models/update_param", json={"parallel": 1})
+        wide = await client.post("/api/models/update_param",
+                                 json={"context_size": 131072, "allow_context_overflow": True})
+        assert narrow.status_code == wide.status_code == 200
+        assert (await load(client, "huge")).json()["server_status"] == "running"
+        (running,) = llama_children(os.getpid())
+        refused = await client.post("/api/models/update_param", json={"parallel": 2})
+        assert refused.status_code == 400
+        assert refused.json()["detail"].startswith(
+            "Loading huge with context 131072 in each of 2 parallel slots needs about")
+        assert (await client.get("/api/models/get_param")).json()["parallel"] == 1
+        assert llama_children(os.getpid()) == [running]
+
+
 async def test_stored_parameters_that_are_bad_now_are_reported_and_replaced(nursery, fake_settings, caplog):
     async with start_zenow(nursery, fake_settings) as zenow:
         await zenow.client.post("/api/models/update_param", json={"temperature": 0.3})

@@ -367,7 +367,7 @@ class ServerActor(Actor):
         if restart and model is not None:
             n_ctx = effective_context(update.parameters["context_size"], model.info.context_length,
                                       update.context_overflow)
-            await self._check_memory(model, n_ctx, param="context_size")
+            await self._check_memory(model, n_ctx, param="context_size", params=update.parameters)
         if key_change is not None:
             try:
                 await self._backend_keys.write(self.mode, key_change.key)
@@ -543,10 +543,12 @@ class ServerActor(Actor):
         log.info("%s: restarting in %.1f s", self.mode, delay)
         self.nursery.start_soon(self._check_then, ServerActor._retry, self._generation, model, delay)
 
-    async def _check_memory(self, model: _Model, n_ctx: int, *, param: str) -> None:
-        """Raise `InvalidRequest` (nothing touched) when starting `model` with `n_ctx` tokens needs
-        more memory than is available, counting what stopping this mode's child would free."""
-        slots = self._slots(self._params)
+    async def _check_memory(self, model: _Model, n_ctx: int, *, param: str,
+                            params: dict[str, Any] | None = None) -> None:
+        """Raise `InvalidRequest` (nothing touched) when starting `model` with `n_ctx` tokens (and
+        `params`, by default the current ones) needs more memory than is available, counting
+        what stopping this mode's child would free."""
+        slots = self._slots(params if params is not None else self._params)
         needed = _memory.load_needs(model.info, n_ctx * slots)  # every slot has its own KV cache
         per_slot, or_parallel = (f" in each of {slots} parallel slots", " or parallel") if slots > 1 else ("", "")
         child = self._child
