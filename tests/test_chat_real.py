@@ -12,9 +12,8 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, start_zenow, wait_status
-from tests.support.llama import cmdline, llama_children
+from tests.support.llama import child_auth, cmdline, llama_children
 from zenow.chat import Turn, history_in_steps
-from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
 

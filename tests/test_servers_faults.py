@@ -247,9 +247,11 @@ async def test_parameter_defaults_follow_the_spec(client):
     assert {rerank[k] for k in backend} == {"", False}
 
 
-async def test_flash_attention_is_off_on_the_cpu_unless_asked_for(nursery, fake_settings):
-    def fa_flag():
-        (child,) = llama_children(os.getpid())
+async def test_flash_attention_is_off_for_an_llm_on_the_cpu_unless_asked_for(nursery, fake_settings, home):
+    gguf(home / "models" / "embed", "vectors")
+
+    def fa_flag(mode_flag="llm"):
+        (child,) = llama_children(os.getpid(), mode_flag)
         argv = cmdline(child)
         return argv[argv.index("-fa") + 1]
 
@@ -258,6 +260,8 @@ async def test_flash_attention_is_off_on_the_cpu_unless_asked_for(nursery, fake_
         assert (await client.get("/api/models/get_param")).json()["flash_attn"] == "auto"
         assert (await load(client, "alpha")).json()["server_status"] == "running"
         assert fa_flag() == "off"  # every layer on the CPU
+        assert (await load(client, "vectors", "embed")).json()["server_status"] == "running"
+        assert fa_flag("--embedding") == "auto"  # llama-server's own choice for embeddings
         answer = await client.post("/api/models/update_param", json={"gpu_layers": 99})
         assert answer.json()["requires_restart"] is True
         assert fa_flag() == "auto"  # offloaded: llama-server decides for its device

@@ -12,9 +12,8 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
-from tests.support.llama import alive, cmdline, context_per_slot, llama_children
+from tests.support.llama import alive, child_auth, cmdline, context_per_slot, llama_children
 from tests.support.tiny_models import write_stub_model
-from zenow.servers import child_auth
 
 pytestmark = pytest.mark.real_llama
 

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, start_zenow, status, wait_status
-from zenow.servers import child_auth
+from tests.support.llama import child_auth
 
 pytestmark = pytest.mark.real_llama
 

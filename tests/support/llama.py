@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from zenow.servers._binary import cached_binary
@@ -59,6 +60,37 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     except FileNotFoundError:
         return []
+
+
+def child_key(port: int | None) -> str | None:
+    """The API key zenow gave the llama-server child listening on 127.0.0.1:`port`, read from
+    the child's environment (as only its user can); None when no such child runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = cmdline(int(entry.name))
+        if "--port" in argv[:-1] and argv[argv.index("--port") + 1] == str(port):
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for variable in environ:
+                if variable.startswith(b"LLAMA_API_KEY="):
+                    return variable.partition(b"=")[2].decode()
+    return None
+
+
+class _ChildAuth(httpx.Auth):
+    def auth_flow(self, request: httpx.Request):
+        key = child_key(request.url.port)
+        if key is not None:
+            request.headers["Authorization"] = f"Bearer {key}"
+        yield request
+
+
+def child_auth() -> httpx.Auth:
+    """Auth for a test's own client talking straight to one of zenow's llama-server children."""
+    return _ChildAuth()
 
 
 def children(parent: int) -> list[int]:

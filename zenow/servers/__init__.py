@@ -22,5 +22,4 @@ from ._gguf import mode_problem as mode_problem
 from ._gguf import model_details as model_details
 from ._gguf import read_gguf_info as read_gguf_info
 from ._idle import Activity as Activity
-from ._keys import child_auth as child_auth
 from ._params import SERVER_KEYS as SERVER_KEYS

@@ -65,7 +65,7 @@ from ._binary import find_llama_server
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
 from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
 from ._idle import IDLE, Activity, idle_expired, watch_idle
-from ._keys import child_auth, forget_key, new_key
+from ._keys import new_key
 from ._params import (
     BACKEND_KEYS,
     SERVER_KEYS,
@@ -238,7 +238,7 @@ class ServerActor(Actor):
         self._remote: RemoteMonitor | None = None
         self._backend_keys = BackendKeys(settings.home / "secrets")
         self._backend_key: str | None = None
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False, auth=child_auth())
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -614,7 +614,7 @@ class ServerActor(Actor):
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
-            "-b", str(p["batch_size"]), "--no-webui", "--metrics", "-fa", _flash_attention(p),
+            "-b", str(p["batch_size"]), "--no-webui", "--metrics", "-fa", _flash_attention(p, self.mode),
         ]
         if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
             argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
@@ -678,7 +678,7 @@ class ServerActor(Actor):
         with trio.move_on_after(timeout):
             while not child.exited.is_set():
                 try:
-                    response = await self._http.get(url)
+                    response = await self._http.get(url, headers={"Authorization": f"Bearer {child.key}"})
                     if response.status_code == 200:
                         return None
                 except httpx.TransportError:
@@ -697,7 +697,7 @@ class ServerActor(Actor):
         read_fd, write_fd = os.pipe()
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "LLAMA_API_KEY"))}
-            env["LLAMA_API_KEY"] = child.key = new_key(child.port)  # in the environment: `ps` shows no key
+            env["LLAMA_API_KEY"] = child.key = new_key()  # in the environment: `ps` shows no key
             process = await spawn_owned(argv, env=env, output_fd=write_fd)
         except BaseException:
             os.close(read_fd)
@@ -723,7 +723,6 @@ class ServerActor(Actor):
                     child.exit_code = await terminate(process, self.settings.stop_grace)
                     child.exited.set()
                 await output.aclose()
-                forget_key(child.port)
                 child.done.set()
         if not child.stopping:
             await self.self_ref.tell(ServerActor._child_exited, child)
@@ -779,13 +778,15 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
 
 
-def _flash_attention(params: dict[str, Any]) -> str:
-    """`-fa`: as asked, or for "auto" off on the CPU (llama.cpp's CPU kernels are slower with
-    it) and llama-server's own "auto" when layers are offloaded."""
+def _flash_attention(params: dict[str, Any], mode: Mode) -> str:
+    """`-fa`: as asked; for "auto", off for an llm on the CPU (llama.cpp's CPU kernels make each
+    turn deep in a conversation several times slower to start with it), else llama-server's own
+    "auto" (embeddings and rerank read short inputs, and their vectors are only the same from
+    one request to the next with it)."""
     chosen = str(params.get("flash_attn", "auto"))
     if chosen != "auto":
         return chosen
-    return "off" if _offloaded_layers(params) == 0 else "auto"
+    return "off" if mode == "llm" and _offloaded_layers(params) == 0 else "auto"
 
 
 #: Seconds a llama-server gets to answer a scrape of its figures.
@@ -954,7 +955,8 @@ class ServerHandle:
         if endpoint is None or status.backend_url is not None:
             return None
         try:
-            response = await self._http.get(f"{endpoint}/metrics", timeout=METRICS_TIMEOUT)
+            response = await self._http.get(f"{endpoint}/metrics", timeout=METRICS_TIMEOUT,
+                                            headers=status.auth_headers())
             response.raise_for_status()
         except httpx.HTTPError:
             return None
