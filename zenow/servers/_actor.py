@@ -62,6 +62,7 @@ from ..settings import Mode, Settings
 from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
+from ._childlog import ChildLog
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
 from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
 from ._idle import IDLE, Activity, idle_expired, watch_idle
@@ -728,48 +729,26 @@ class ServerActor(Actor):
             await self.self_ref.tell(ServerActor._child_exited, child)
 
     async def _drain(self, child: _Child, output: trio.lowlevel.FdStream) -> None:
-        """Read everything the child prints (so its pipe never fills); log it and keep a tail.
-
-        A log file that cannot be written is given up, never the draining."""
-        log_file = await self._open_log(f"--- {child.model.record.path} port {child.port}\n".encode())
+        """Read everything the child prints (so its pipe never fills); log it and keep a tail."""
+        log_file = ChildLog(self._log_path, self.mode)
+        await log_file.open(f"--- {child.model.record.path} port {child.port}\n".encode())
         pending = b""
         try:
-            while chunk := await output.receive_some(65536):
-                if log_file is not None:
-                    try:
-                        await log_file.write(chunk)
-                    except OSError as exc:
-                        log.warning("%s: stopped writing %s: %s", self.mode, self._log_path, exc)
-                        await _close_quietly(log_file)
-                        log_file = None
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                child.tail.extend(line.decode(errors="replace").rstrip() for line in lines if line.strip())
-                if len(pending) > 65536:
-                    pending = pending[-4096:]
+            async with trio.open_nursery() as writing:
+                writing.start_soon(log_file.run)
+                while chunk := await output.receive_some(65536):
+                    await log_file.add(chunk)
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    child.tail.extend(line.decode(errors="replace").rstrip() for line in lines if line.strip())
+                    if len(pending) > 65536:
+                        pending = pending[-4096:]
+                writing.cancel_scope.cancel()
             if pending.strip():  # a last line without its newline
                 child.tail.append(pending.decode(errors="replace").rstrip())
             child.drained.set()
         finally:
-            if log_file is not None:
-                with trio.CancelScope(shield=True):
-                    await _close_quietly(log_file)
-
-    async def _open_log(self, header: bytes) -> Any:
-        try:
-            log_file = await trio.open_file(self._log_path, "ab")
-            await log_file.write(header)
-            return log_file
-        except OSError as exc:
-            log.warning("%s: cannot write %s: %s", self.mode, self._log_path, exc)
-            return None
-
-
-async def _close_quietly(log_file: Any) -> None:
-    try:
-        await log_file.aclose()
-    except OSError:
-        pass
+            await log_file.close()
 
 
 def _offloaded_layers(params: dict[str, Any]) -> int:
