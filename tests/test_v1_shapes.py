@@ -374,3 +374,35 @@ async def test_the_gate_wakes_a_model_stopped_for_idleness_and_counts_its_leases
     lease.release()
     lease.release()  # idempotent
     assert server.activity.busy == 0 and server.activity.last == trio.current_time()
+
+
+LLAMA_CHUNK = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":%s}}],"created":1795607800,'
+               '"id":"chatcmpl-hJHSbnW0756jJUjRmACtAS0tGRyQ5b43","model":"/home/me/models/SmolLM2.gguf",'
+               '"system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk"}')
+
+
+@pytest.mark.parametrize("content", ["Hello", ' "quoted" \\ back', "caf\u00e9 \u2615\n", '","model":"x', "\u0001"])
+@pytest.mark.parametrize("ascii_only", [False, True])
+def test_the_usual_content_chunk_gets_zenows_model_name_on_its_text(content, ascii_only):
+    from zenow.v1._shapes import chat_chunk, content_chunk_event, sse
+
+    data = LLAMA_CHUNK % json.dumps(content, ensure_ascii=ascii_only)
+    frame = content_chunk_event(data, json.dumps("smol"))
+    assert frame is not None and frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    assert json.loads(frame[6:]) == json.loads(sse(chat_chunk(json.loads(data), "smol"))[6:])
+    assert json.loads(frame[6:])["model"] == "smol"
+    assert json.loads(frame[6:])["choices"][0]["delta"]["content"] == content
+
+
+@pytest.mark.parametrize("data", [
+    '{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],"created":1,'
+    '"id":"c","model":"m","system_fingerprint":"f","object":"chat.completion.chunk"}',
+    '{"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1,"id":"c","model":"m",'
+    '"system_fingerprint":"f","object":"chat.completion.chunk"}',
+    '{"error":{"code":500,"message":"boom","type":"server_error"}}',
+    (LLAMA_CHUNK % '"hi"')[:-1] + ',"usage":{"completion_tokens":1}}',
+])
+def test_any_other_chunk_is_left_to_be_decoded(data):
+    from zenow.v1._shapes import content_chunk_event
+
+    assert content_chunk_event(data, json.dumps("smol")) is None

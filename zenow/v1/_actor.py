@@ -23,7 +23,7 @@ import trio
 from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
-from ._shapes import DONE, chat_chunk, error_event, sse, upstream_failure
+from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
 
@@ -153,6 +153,7 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                 return
             started.send_nowait(outcome.Value(None))
             accepted = True
+            model_literal = json.dumps(call.model_name, ensure_ascii=False)
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -160,6 +161,10 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                 if data == "[DONE]":
                     await frames.send(DONE)
                     return
+                frame = content_chunk_event(data, model_literal)
+                if frame is not None:
+                    await send_soon(frames, frame)
+                    continue
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict):
                     raise ValueError(f"a chunk that is not an object: {data[:200]}")

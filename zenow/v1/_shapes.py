@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -284,6 +285,28 @@ def chat_completion_response(upstream: Mapping[str, Any], model_name: str) -> di
 def chat_chunk(upstream: Mapping[str, Any], model_name: str) -> dict[str, Any]:
     """One streamed chunk with zenow's model name."""
     return {**upstream, "model": model_name}
+
+
+_STRING = r'"(?:[^"\\]|\\.)*"'
+#: llama-server's usual streamed chunk: one content delta and its fixed fields, in the order it
+#: writes them.  Its `model` (the file's path) is replaced on the text, with no JSON decoding and
+#: encoding per token; any other chunk (the role, the end, usage, an error, another build's
+#: shape) does not match and is decoded.
+_CONTENT_CHUNK = re.compile(
+    r'(\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":' + _STRING
+    + r'\}\}\],"created":\d+,"id":' + _STRING + r',"model":)' + _STRING
+    + r'(,"system_fingerprint":' + _STRING + r',"object":"chat\.completion\.chunk"\})',
+    re.DOTALL,
+)
+
+
+def content_chunk_event(data: str, model_literal: str) -> bytes | None:
+    """The event for `data` when it is llama-server's usual content chunk, its model replaced by
+    `model_literal` (zenow's model name as a JSON string); None for any other chunk."""
+    match = _CONTENT_CHUNK.fullmatch(data)
+    if match is None:
+        return None
+    return f"data: {match.group(1)}{model_literal}{match.group(2)}\n\n".encode()
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
