@@ -153,6 +153,8 @@ class ServerBoard:
     mode: str = ""
     #: What uses the server (written by the requests through the gate; see `_idle`).
     activity: Activity = field(default_factory=Activity)
+    #: Whether the model stopped for idleness is being started again for a request.
+    waking: bool = False
 
     def publish(self, status: ServerStatus) -> None:
         self.status = status
@@ -437,7 +439,11 @@ class ServerActor(Actor):
         status = self.board.status
         if status.status == "stopped" and status.reason == IDLE and self._model is not None and self._child is None:
             log.info("%s: starting %s again for a request", self.mode, self._model.name)
-            await self._start(self._model)
+            self.board.waking = True  # requests that come meanwhile queue their wake behind this one
+            try:
+                await self._start(self._model)
+            finally:
+                self.board.waking = False
         return self.board.status
 
     def _idle_stoppable(self) -> bool:
@@ -816,7 +822,6 @@ class ServerHandle:
         self._store = store
         self._downloads = downloads
         #: Set while a request starts the model again after an idle stop; the others wait for it.
-        self._waking: trio.Event | None = None
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
@@ -838,29 +843,21 @@ class ServerHandle:
     def asleep(self) -> bool:
         """Whether the mode's model was stopped for idleness, or is being started again after that."""
         status = self._board.status
-        return self._waking is not None or (status.status == "stopped" and status.reason == IDLE)
+        return self._board.waking or (status.status == "stopped" and status.reason == IDLE)
 
     async def wake(self) -> ServerStatus:
         """The status, after starting the mode's model again if it was stopped for idleness, or
-        waiting for the start another request began (so concurrent requests all wait for one
-        start).  Raises `ModelWakeFailed` (503) when it did not come up again, saying why."""
-        if self._waking is not None:
-            await self._waking.wait()
-            # the request that began the start may have gone; the start goes on in the actor
-            while self._board.status.status == "starting":
-                await self._board.activity.changed()
-            return self._woken(self._board.status)
+        after the start another request began: the actor serves wakes one at a time, so one
+        starts the model and the others find it running (or failed) once that start is over;
+        a caller that goes away leaves the start going on in the actor.  Raises
+        `ModelWakeFailed` (503) when it did not come up again, saying why."""
         if not self.asleep():
             return self._board.status
         self._board.activity.touch()
-        waking = self._waking = trio.Event()
         try:
             status = await self._ref.call(ServerActor.wake)
         except ServerStartFailed as exc:
             raise ModelWakeFailed(f"The {self.mode} model stopped for idleness did not start again: {exc}") from exc
-        finally:
-            self._waking = None
-            waking.set()
         return self._woken(status)
 
     def _woken(self, status: ServerStatus) -> ServerStatus:
