@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
-from quart_schema import validate_querystring, validate_request
+from quart_schema import validate_request
 
 from ..errors import InvalidRequest
 from ..store import SessionInfo
@@ -23,6 +23,7 @@ from ._shapes import (
     message_json,
     session_json,
 )
+from ._validation import validate_querystring
 
 bp = Blueprint("sessions", __name__)
 
