@@ -234,3 +234,20 @@ async def test_a_kept_page_answers_the_same_bytes_and_headers_as_a_fresh_one(cli
     assert kept_answer.content.endswith(b"}\n") and b'"sessions":[{"id":' in kept_answer.content
     other = await client.get("/api/sessions?limit=2&offset=1")
     assert other.json()["sessions"][0] == fresh_answer.json()["sessions"][1]
+
+
+def test_every_query_that_changes_sessions_or_messages_goes_through_write():
+    """The cache is only as true as this: a change made through `_run` would never invalidate it."""
+    import inspect
+    import re
+
+    from zenow.store import _actor
+    from zenow.store import _queries as q
+
+    changes = re.compile(r"(INSERT INTO|UPDATE|DELETE FROM)\s+(sessions|messages)\b")
+    source = inspect.getsource(_actor.Store)
+    read_only = set(re.findall(r"self\._run\(\s*q\.(\w+)", source))
+    written = set(re.findall(r"self\._write\(\s*q\.(\w+)", source))
+    assert {"create_session", "rename_session", "delete_session", "add_message", "clear_messages"} <= written
+    for name in read_only:
+        assert not changes.search(inspect.getsource(getattr(q, name))), f"{name} changes sessions but runs via _run"
