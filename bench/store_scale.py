@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import client, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
+from _common import client, cpu_seconds, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
 
 from zenow.store import _queries as q
 
@@ -135,6 +135,8 @@ async def over_http(home: Path, big_sid: int, args: argparse.Namespace) -> dict[
                     out: dict[str, Any] = {"list_request_ms": {"zenow": [], "bare": []},
                                            "clients64_rps": {"zenow": [], "bare": []},
                                            "clients64_second_page_rps": {"zenow": [], "bare": []},
+                                           "clients64_cpu_ms": {"zenow": [], "bare": []},
+                                           "clients64_second_page_cpu_ms": {"zenow": [], "bare": []},
                                            "insert_ms": {"zenow": [], "bare": []}}
                     async with client(bare.url) as bare_http:
                         targets = {"zenow": http, "bare": bare_http}
@@ -152,11 +154,16 @@ async def over_http(home: Path, big_sid: int, args: argparse.Namespace) -> dict[
                                     await target.post(f"/api/sessions/{insert_sid}/messages",
                                                       json={"role": "user", "content": f"insert {i} " + WORDS[i % 16]})
                                     out["insert_ms"][name].append((time.perf_counter() - started) * 1000)
-                                url = zenow.url if name == "zenow" else bare.url
-                                for key, path in (("clients64_rps", "/api/sessions"),
-                                                  ("clients64_second_page_rps", "/api/sessions?offset=100")):
+                                server = zenow if name == "zenow" else bare
+                                for key, path in (("clients64", "/api/sessions"),
+                                                  ("clients64_second_page", "/api/sessions?offset=100")):
                                     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-                                    out[key][name].append(await raw_requests(url, request, 64, args.per_client))
+                                    cpu = cpu_seconds(server.pid)
+                                    out[f"{key}_rps"][name].append(await raw_requests(server.url, request, 64,
+                                                                                      args.per_client))
+                                    # the server's own CPU per request: steadier than requests/s on a shared machine
+                                    out[f"{key}_cpu_ms"][name].append(
+                                        (cpu_seconds(server.pid) - cpu) * 1000 / (64 * args.per_client))
                     return out
                 finally:
                     await bare.stop()
@@ -196,13 +203,16 @@ def render(results: dict[str, Any]) -> str:
             z, b = h[key]["zenow"], h[key]["bare"]
             rows.append([what, fmt(median(z), digits), fmt(p90(z), digits), fmt(median(b), digits),
                          fmt(median(z) - median(b), digits)])
-        for what, key in (("64 clients GET /api/sessions, requests/s", "clients64_rps"),
-                          ("64 clients GET /api/sessions?offset=100 (read each time), requests/s",
-                           "clients64_second_page_rps")):
-            z, b = h[key]["zenow"], h[key]["bare"]
+        for what, key in (("64 clients GET /api/sessions", "clients64"),
+                          ("64 clients GET /api/sessions?offset=100 (read each time)", "clients64_second_page")):
+            z, b = h[f"{key}_rps"]["zenow"], h[f"{key}_rps"]["bare"]
             if z:
-                rows.append([what, fmt(median(z), 0), fmt(min(z), 0), fmt(median(b), 0),
+                rows.append([f"{what}, requests/s", fmt(median(z), 0), fmt(min(z), 0), fmt(median(b), 0),
                              f"{median(z) / median(b) * 100:.0f} % of bare; {median(z) / 137:.1f}x the issue's 137"])
+            z, b = h.get(f"{key}_cpu_ms", {}).get("zenow", []), h.get(f"{key}_cpu_ms", {}).get("bare", [])
+            if z:
+                rows.append([f"{what}, server CPU ms per request", fmt(median(z), 3), fmt(max(z), 3),
+                             fmt(median(b), 3), fmt(median(z) - median(b), 3)])
         text += "\n\nThrough HTTP (10k sessions):\n\n" + table(
             ["request", "zenow p50", "zenow p90 (or worst round)", "bare route p50", "zenow minus bare"], rows)
     return text
