@@ -245,3 +245,114 @@ def test_every_query_that_changes_sessions_or_messages_goes_through_write():
     assert {"create_session", "rename_session", "delete_session", "add_message", "clear_messages"} <= written
     for name in read_only:
         assert not changes.search(inspect.getsource(getattr(q, name))), f"{name} changes sessions but runs via _run"
+
+
+def list_queries_served() -> float:
+    from zenow.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("zenow_store_query_seconds_count", {"query": "list_sessions"}) or 0.0
+
+
+async def test_readers_asking_at_once_share_one_read(nursery, tmp_path):
+    store = await open_store(nursery, tmp_path / "zenow.db")
+    for i in range(3):
+        await store.create_session(f"s{i}")
+    answers = []
+
+    async def reader() -> None:
+        answers.append(await store.session_page(10, 0, shape))
+
+    before = list_queries_served()
+    async with trio.open_nursery() as readers:
+        for _ in range(20):
+            readers.start_soon(reader)
+    assert list_queries_served() - before == 1
+    assert len(answers) == 20 and all(a is answers[0] for a in answers)
+    assert answers[0] == await fresh(store, 10)
+
+
+class Reads:
+    """`read` functions for a PageCache whose answers the test releases one by one."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.release: list[trio.Event] = []
+        self.fail_next = False
+
+    async def read(self) -> str:
+        self.asked += 1
+        number = self.asked
+        released = trio.Event()
+        self.release.append(released)
+        await released.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the read failed")
+        return f"answer {number}"
+
+
+async def test_a_caller_does_not_wait_for_a_read_asked_before_a_write():
+    cache, reads = PageCache(), Reads()
+    got: dict[str, str] = {}
+
+    async def ask(name: str) -> None:
+        got[name] = await cache.answer("page", reads.read)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "before the write")
+        await trio.testing.wait_all_tasks_blocked()
+        cache.invalidate()  # a write settled while the first read is under way
+        nursery.start_soon(ask, "after the write")
+        await trio.testing.wait_all_tasks_blocked()
+        assert reads.asked == 2  # its own read, not the first one's
+        nursery.start_soon(ask, "joins the second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert reads.asked == 2
+        for released in reads.release:
+            released.set()
+    assert got == {"before the write": "answer 1", "after the write": "answer 2", "joins the second": "answer 2"}
+    assert cache.get("page") == "answer 2"
+
+
+async def test_callers_waiting_on_a_read_that_failed_or_was_cancelled_read_themselves():
+    cache, reads = PageCache(), Reads()
+    got: list[str] = []
+    failures: list[Exception] = []
+
+    async def ask() -> None:
+        try:
+            got.append(await cache.answer("page", reads.read))
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # one reads, two wait for it
+            nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reads.asked == 1
+        reads.fail_next = True
+        reads.release[0].set()  # the read fails: its caller gets the error, one of the waiting reads
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(failures), reads.asked) == (1, 2)
+        reads.release[1].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["answer 2", "answer 2"]
+
+        # a caller cancelled while reading: the one waiting for it reads itself
+        cache.invalidate()
+        leader = trio.CancelScope()
+
+        async def cancellable() -> None:
+            with leader:
+                await ask()
+
+        nursery.start_soon(cancellable)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reads.asked == 3
+        leader.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert reads.asked == 4
+        reads.release[3].set()
+    assert got == ["answer 2", "answer 2", "answer 4"]

@@ -155,19 +155,17 @@ class Store:
         """`shape(sessions, total)` of `list_sessions(limit, offset)`.
 
         The first page's answer (offset 0) is kept per `(limit, shape)` until the next write to
-        the store, so asking again neither reaches the actor nor shapes again: `shape` must be a
-        pure function of its arguments (its answer is shared by every caller) that is not None.
+        the store, so asking again neither reaches the actor nor shapes again, and callers asking
+        at once share one read: `shape` must be a pure function of its arguments (its answer is
+        shared by every caller) that is not None.
         """
         if offset != 0:
             return shape(*await self._run(q.list_sessions, limit, offset))
-        key = (limit, shape)
-        kept: T | None = self._first_pages.get(key)
-        if kept is not None:
-            return kept
-        generation = self._first_pages.generation
-        answer = shape(*await self._run(q.list_sessions, limit, 0))
-        self._first_pages.keep(key, answer, generation)
-        return answer
+
+        async def read() -> T:
+            return shape(*await self._run(q.list_sessions, limit, 0))
+
+        return await self._first_pages.answer((limit, shape), read)
 
     async def rename_session(self, session_id: int, name: str) -> None:
         await self._write(
