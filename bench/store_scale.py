@@ -5,7 +5,9 @@ In-process (one sqlite3 connection, zenow's query functions): the first page of 
 `messages?limit=50` of the big session, and the history read for a 4,096-token budget on it (the
 pages the chat streamer reads).  Through HTTP, on the 10k home, against a bare hypercorn +
 quart-trio route answering the same bytes (alternating blocks): `GET /api/sessions` one at a time
-and from 64 concurrent keep-alive clients, and message inserts through the API.
+and from 64 concurrent keep-alive clients (the first page, which zenow keeps until the next write, and
+the second, which it reads from the database every time; the bare route answers both with the first
+page's bytes), and message inserts through the API.
 
     python bench/store_scale.py [--messages 1000000] [--sizes 1000,10000,100000] [--quick]
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import client, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
+from _common import client, cpu_seconds, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
 
 from zenow.store import _queries as q
 
@@ -132,6 +134,9 @@ async def over_http(home: Path, big_sid: int, args: argparse.Namespace) -> dict[
                 try:
                     out: dict[str, Any] = {"list_request_ms": {"zenow": [], "bare": []},
                                            "clients64_rps": {"zenow": [], "bare": []},
+                                           "clients64_second_page_rps": {"zenow": [], "bare": []},
+                                           "clients64_cpu_ms": {"zenow": [], "bare": []},
+                                           "clients64_second_page_cpu_ms": {"zenow": [], "bare": []},
                                            "insert_ms": {"zenow": [], "bare": []}}
                     async with client(bare.url) as bare_http:
                         targets = {"zenow": http, "bare": bare_http}
@@ -149,9 +154,16 @@ async def over_http(home: Path, big_sid: int, args: argparse.Namespace) -> dict[
                                     await target.post(f"/api/sessions/{insert_sid}/messages",
                                                       json={"role": "user", "content": f"insert {i} " + WORDS[i % 16]})
                                     out["insert_ms"][name].append((time.perf_counter() - started) * 1000)
-                                request = b"GET /api/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                                url = zenow.url if name == "zenow" else bare.url
-                                out["clients64_rps"][name].append(await raw_requests(url, request, 64, args.per_client))
+                                server = zenow if name == "zenow" else bare
+                                for key, path in (("clients64", "/api/sessions"),
+                                                  ("clients64_second_page", "/api/sessions?offset=100")):
+                                    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+                                    cpu = cpu_seconds(server.pid)
+                                    out[f"{key}_rps"][name].append(await raw_requests(server.url, request, 64,
+                                                                                      args.per_client))
+                                    # the server's own CPU per request: steadier than requests/s on a shared machine
+                                    out[f"{key}_cpu_ms"][name].append(
+                                        (cpu_seconds(server.pid) - cpu) * 1000 / (64 * args.per_client))
                     return out
                 finally:
                     await bare.stop()
@@ -191,9 +203,16 @@ def render(results: dict[str, Any]) -> str:
             z, b = h[key]["zenow"], h[key]["bare"]
             rows.append([what, fmt(median(z), digits), fmt(p90(z), digits), fmt(median(b), digits),
                          fmt(median(z) - median(b), digits)])
-        z, b = h["clients64_rps"]["zenow"], h["clients64_rps"]["bare"]
-        rows.append(["64 clients GET /api/sessions, requests/s", fmt(median(z), 0), fmt(min(z), 0), fmt(median(b), 0),
-                     f"{median(z) / median(b) * 100:.0f} % of bare; {median(z) / 137:.1f}x the issue's 137"])
+        for what, key in (("64 clients GET /api/sessions", "clients64"),
+                          ("64 clients GET /api/sessions?offset=100 (read each time)", "clients64_second_page")):
+            z, b = h[f"{key}_rps"]["zenow"], h[f"{key}_rps"]["bare"]
+            if z:
+                rows.append([f"{what}, requests/s", fmt(median(z), 0), fmt(min(z), 0), fmt(median(b), 0),
+                             f"{median(z) / median(b) * 100:.0f} % of bare; {median(z) / 137:.1f}x the issue's 137"])
+            z, b = h.get(f"{key}_cpu_ms", {}).get("zenow", []), h.get(f"{key}_cpu_ms", {}).get("bare", [])
+            if z:
+                rows.append([f"{what}, server CPU ms per request", fmt(median(z), 3), fmt(max(z), 3),
+                             fmt(median(b), 3), fmt(median(z) - median(b), 3)])
         text += "\n\nThrough HTTP (10k sessions):\n\n" + table(
             ["request", "zenow p50", "zenow p90 (or worst round)", "bare route p50", "zenow minus bare"], rows)
     return text

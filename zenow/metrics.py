@@ -129,11 +129,21 @@ for _mode in MODES:  # every mode's series exists from the start, so rate() sees
 # ---------------------------------------------------------------- what actors and routes record
 
 
+#: The HTTP series' children by (method, route, status), made once: `labels()` checks and joins its
+#: values on every call, which was most of the cost of counting a request.  Bounded like the series.
+_http_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def request_answered(method: str, route: str, status: int, seconds: float | None) -> None:
     """An HTTP request was answered with `status`; `route` is its URL pattern (bounded), not its path."""
-    _HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    children = _http_children.get((method, route, status))
+    if children is None:
+        children = _http_children[(method, route, status)] = (
+            _HTTP_REQUESTS.labels(method, route, str(status)), _HTTP_SECONDS.labels(method, route))
+    counted, timed = children
+    counted.inc()
     if seconds is not None:
-        _HTTP_SECONDS.labels(method, route).observe(seconds)
+        timed.observe(seconds)
 
 
 def first_delta(received: list[bytes], since: float) -> None:

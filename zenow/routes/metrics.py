@@ -27,10 +27,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 @bp.after_app_request
 async def count_answer(response: Response) -> Response:
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one look-up, not four
     # The route's pattern, never the path: ids and bad URLs must not grow the series without bound.
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    route = req.url_rule.rule if req.url_rule is not None else "unmatched"
     arrived = g.get("zenow_arrived")
-    method = request.method if request.method in _METHODS else "other"  # any token is a method to HTTP
+    method = req.method if req.method in _METHODS else "other"  # any token is a method to HTTP
     metrics.request_answered(method, route, response.status_code,
                              None if arrived is None else time.perf_counter() - arrived)
     return response

@@ -7,10 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
-from quart_schema import validate_querystring, validate_request
+from quart_schema import validate_request
 
 from ..errors import InvalidRequest
-from ._context import json_answer, services
+from ..store import SessionInfo
+from ._context import json_answer, json_body, json_bytes_answer, services
 from ._shapes import (
     AddedMessage,
     CreatedSession,
@@ -22,6 +23,7 @@ from ._shapes import (
     message_json,
     session_json,
 )
+from ._validation import validate_querystring
 
 bp = Blueprint("sessions", __name__)
 
@@ -89,8 +91,12 @@ async def create_session(data: CreateSession) -> dict[str, object]:
 @documented(SessionList)
 @validate_querystring(SessionPage)
 async def list_sessions(query_args: SessionPage) -> Response:
-    sessions, total = await services().store.list_sessions(query_args.limit, query_args.offset)
-    return json_answer({"sessions": [session_json(s) for s in sessions], "total": total})
+    return json_bytes_answer(await services().store.session_page(query_args.limit, query_args.offset, _page_json))
+
+
+def _page_json(sessions: list[SessionInfo], total: int) -> bytes:
+    # the store keeps this answer for the first page until the next write: fronts poll it
+    return json_body({"sessions": [session_json(s) for s in sessions], "total": total})
 
 
 @bp.get("/api/sessions/<session_id>")

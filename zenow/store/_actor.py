@@ -24,6 +24,7 @@ from ..events import (
     SessionRenamed,
 )
 from . import _queries as q
+from ._pages import PageCache
 from ._records import DownloadRecord, MessageInfo, ModelDetails, ModelInfo, SessionInfo
 
 __all__ = ["Store", "StoreActor"]
@@ -74,14 +75,20 @@ class StoreActor(Actor):
         finally:
             metrics.store_query(getattr(query, "__name__", "query"), time.perf_counter() - started)
 
-    async def write(self, query: Callable[..., T], announce: Callable[[T], None], *args: Any) -> T:
-        """`execute`, then `announce(result)` here in the actor: changes are announced in the
-        order they were made, and even when the caller stopped waiting for the answer.
+    async def write(self, query: Callable[..., T], settled: Callable[[], None], announce: Callable[[T], None],
+                    *args: Any) -> T:
+        """`execute`, then `settled()` whatever happened (the database may have changed), then
+        `announce(result)` when it succeeded; both here in the actor, before it answers or serves
+        the next request: changes are announced in the order they were made, and even when the
+        caller stopped waiting for the answer.
 
-        `announce` must not block (it publishes an event); should it raise, the error is logged
-        and the change stands.  Raises what `execute` raises; then nothing is announced.
+        `settled` and `announce` must not block; should `announce` raise, the error is logged and
+        the change stands.  Raises what `execute` raises; then nothing is announced.
         """
-        result = await self.execute(query, *args)
+        try:
+            result = await self.execute(query, *args)
+        finally:
+            settled()
         try:
             announce(result)
         except Exception:  # a bug in an event must not crash the store: zenow stops without it
@@ -104,12 +111,14 @@ class Store:
     database fails, and `ActorUnavailable` when the store is down.
 
     Changes to sessions, messages and the model registry are published on `events`
-    (`session.*`, `model.registered`) once written.
+    (`session.*`, `model.registered`) once written.  Every change goes through `_write`,
+    which is what keeps `session_page`'s cache true (see `zenow.store._pages`).
     """
 
     def __init__(self, ref: ActorRef[StoreActor], events: EventHub | None = None) -> None:
         self._ref = ref
         self._events = events if events is not None else EventHub()
+        self._first_pages = PageCache()
 
     @property
     def events(self) -> EventHub:
@@ -129,7 +138,7 @@ class Store:
     ) -> T:
         if kwargs:
             raise TypeError("store queries take positional arguments only")
-        return await self._ref.call(StoreActor.write, query, announce, *args)
+        return await self._ref.call(StoreActor.write, query, self._first_pages.invalidate, announce, *args)
 
     # sessions (raise SessionNotFound for an unknown id)
     async def create_session(self, name: str) -> SessionInfo:
@@ -139,7 +148,24 @@ class Store:
         return await self._run(q.get_session, session_id)
 
     async def list_sessions(self, limit: int, offset: int) -> tuple[list[SessionInfo], int]:
+        """A page of sessions, the most recently updated first, and how many there are."""
         return await self._run(q.list_sessions, limit, offset)
+
+    async def session_page(self, limit: int, offset: int, shape: Callable[[list[SessionInfo], int], T]) -> T:
+        """`shape(sessions, total)` of `list_sessions(limit, offset)`.
+
+        The first page's answer (offset 0) is kept per `(limit, shape)` until the next write to
+        the store, so asking again neither reaches the actor nor shapes again, and callers asking
+        at once share one read: `shape` must be a pure function of its arguments (its answer is
+        shared by every caller) that is not None.
+        """
+        if offset != 0:
+            return shape(*await self._run(q.list_sessions, limit, offset))
+
+        async def read() -> T:
+            return shape(*await self._run(q.list_sessions, limit, 0))
+
+        return await self._first_pages.answer((limit, shape), read)
 
     async def rename_session(self, session_id: int, name: str) -> None:
         await self._write(
