@@ -171,9 +171,9 @@ class Child:
 
 
 async def _spawn(nursery: trio.Nursery, argv: list[str], env: dict[str, str] | None, ready: re.Pattern[str] | None,
-                 timeout: float) -> Child:
+                 timeout: float, cwd: Path = REPO) -> Child:
     process = await trio.lowlevel.open_process(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd,
         env=env if env is not None else dict(os.environ),
     )
     child = Child(process, "")
@@ -214,7 +214,8 @@ def zenow_env(**extra: str) -> dict[str, str]:
 
 async def start_zenow(nursery: trio.Nursery, home: Path, *args: str, env: dict[str, str] | None = None,
                       python_path: Path | None = None) -> Child:
-    """`zenow serve --port 0 --home HOME ARGS` (from `python_path` when given: another checkout)."""
+    """`zenow serve --port 0 --home HOME ARGS` (from `python_path` when given: another checkout;
+    run from that folder, since `-m` puts the working folder first on the import path)."""
     env = dict(env if env is not None else zenow_env())
     if python_path is not None:
         env["PYTHONPATH"] = str(python_path)
@@ -222,7 +223,7 @@ async def start_zenow(nursery: trio.Nursery, home: Path, *args: str, env: dict[s
     if os.environ.get("BENCH_PROFILE"):  # a text profile of zenow (pyinstrument) written there at its exit
         runner += ["-m", "pyinstrument", "-o", os.environ["BENCH_PROFILE"], "-r", "text", "--show-all"]
     return await _spawn(nursery, [*runner, "-m", "zenow", "serve", "--port", "0", "--home", str(home), *args],
-                        env, _SERVING, 60)
+                        env, _SERVING, 60, cwd=python_path.resolve() if python_path is not None else REPO)
 
 
 async def start_bare(nursery: trio.Nursery, *args: str) -> Child:
