@@ -219,7 +219,7 @@ async def test_chat_streams_names_the_session_keeps_history_and_syncs_two_window
                 assert [m["role"] for m in shown] == ["user", "assistant"] and shown[1]["text"].strip()
                 assert [m["id"] for m in shown] == [m["id"] for m in saved]
                 assert shown[0]["text"] == saved[0]["text"] == "Name three colours."
-                assert shown[1]["text"].split() == saved[1]["text"].replace("*", "").split()
+                assert shown[1]["text"].split() == markdown_words(saved[1]["text"])
                 screenshot(first, tmp_path, "page-chat.png")
 
                 # A second window on the same session sees what the first one sends.
@@ -487,3 +487,9 @@ async def test_a_running_download_is_cancelled_from_the_page(zenow, nursery, tmp
     assert seen["actions"] == ["Resume", "Discard"]
     record = (await zenow.client.get("/api/models/download/status", params={"url": url})).json()["download"]
     assert record["status"] == "failed" and record["downloaded"] < len(data)
+
+
+def markdown_words(text: str) -> list[str]:
+    """The words of a Markdown reply as the page shows them: no emphasis stars, no list markers
+    (a numbered or bulleted list is drawn as a list, its "1." or "-" is not text)."""
+    return re.sub(r"^[ \t]*(?:\d+\.|[-*+])[ \t]+", "", text, flags=re.MULTILINE).replace("*", "").split()
