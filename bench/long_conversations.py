@@ -127,8 +127,7 @@ def main() -> None:
     parser.add_argument("--exchanges", type=int, default=40, help="stored exchanges (about 75 tokens each)")
     parser.add_argument("--quick", action="store_true", help="6 turns")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
-                        help="the llm's flash_attn parameter (auto: off on the CPU; on: llama-server's "
-                             "own default on the CPU before zenow chose)")
+                        help="the llm's flash_attn parameter (auto: llama-server's choice, on for the CPU)")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="long_conversations")
     parser.add_argument("--timeout", type=float, default=900)

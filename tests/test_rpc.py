@@ -87,9 +87,7 @@ async def test_a_model_split_across_two_workers_answers_as_without_them(nursery,
         alone = await answer(client)
 
         update = await client.post("/api/models/update_param", params={"mode": "llm"},
-                                   json={"rpc_servers": [first.address, second.address],
-                                         # alone ran with it off (zenow's "auto" on the CPU); the same kernels here
-                                         "flash_attn": "off"})
+                                   json={"rpc_servers": [first.address, second.address]})
         assert update.status_code == 200, update.text
         assert update.json()["requires_restart"] is True
         await wait_status(client, "running", "llm")

@@ -247,7 +247,7 @@ async def test_parameter_defaults_follow_the_spec(client):
     assert {rerank[k] for k in backend} == {"", False}
 
 
-async def test_flash_attention_is_off_for_an_llm_on_the_cpu_unless_asked_for(nursery, fake_settings, home):
+async def test_flash_attention_is_llama_servers_choice_unless_asked_for(nursery, fake_settings, home):
     gguf(home / "models" / "embed", "vectors")
 
     def fa_flag(mode_flag="llm"):
@@ -259,15 +259,16 @@ async def test_flash_attention_is_off_for_an_llm_on_the_cpu_unless_asked_for(nur
         client = zenow.client
         assert (await client.get("/api/models/get_param")).json()["flash_attn"] == "auto"
         assert (await load(client, "alpha")).json()["server_status"] == "running"
-        assert fa_flag() == "off"  # every layer on the CPU
+        assert fa_flag() == "auto"  # llama-server decides for its device
         assert (await load(client, "vectors", "embed")).json()["server_status"] == "running"
-        assert fa_flag("--embedding") == "auto"  # llama-server's own choice for embeddings
-        answer = await client.post("/api/models/update_param", json={"gpu_layers": 99})
+        assert fa_flag("--embedding") == "auto"
+        answer = await client.post("/api/models/update_param", json={"flash_attn": "off"})
         assert answer.json()["requires_restart"] is True
-        assert fa_flag() == "auto"  # offloaded: llama-server decides for its device
-        answer = await client.post("/api/models/update_param", json={"flash_attn": "on", "gpu_layers": 0})
+        assert fa_flag() == "off"  # asked for: passed as it is
+        assert fa_flag("--embedding") == "auto"  # another mode's parameter
+        answer = await client.post("/api/models/update_param", json={"flash_attn": "on"})
         assert answer.json()["requires_restart"] is True
-        assert fa_flag() == "on"  # asked for: passed as it is
+        assert fa_flag() == "on"
         refused = await client.post("/api/models/update_param", json={"flash_attn": "yes"})
         assert refused.status_code == 400
         assert refused.json()["detail"].startswith("flash_attn:") and "'auto'" in refused.json()["detail"]

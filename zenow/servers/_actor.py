@@ -621,7 +621,7 @@ class ServerActor(Actor):
         argv = [
             binary, "-m", model.record.path, "--host", "127.0.0.1", "--port", str(port),
             "-c", str(n_ctx * slots), "-t", str(p["threads"]), "-ngl", str(_offloaded_layers(p)),
-            "-b", str(p["batch_size"]), "--no-webui", "--metrics", "-fa", _flash_attention(p, self.mode),
+            "-b", str(p["batch_size"]), "--no-webui", "--metrics", "-fa", str(p["flash_attn"]),
         ]
         if p.get("rpc_servers"):  # the model's layers split across these workers and this machine
             argv += ["--rpc", ",".join(p["rpc_servers"]), "-lv", "4"]  # -lv 4: the log names the devices used
@@ -763,15 +763,6 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
 
 
-def _flash_attention(params: dict[str, Any], mode: Mode) -> str:
-    """`-fa`: as asked; for "auto", off for an llm on the CPU (llama.cpp's CPU kernels make each
-    turn deep in a conversation several times slower to start with it), else llama-server's own
-    "auto" (embeddings and rerank read short inputs, and their vectors are only the same from
-    one request to the next with it)."""
-    chosen = str(params.get("flash_attn", "auto"))
-    if chosen != "auto":
-        return chosen
-    return "off" if mode == "llm" and _offloaded_layers(params) == 0 else "auto"
 
 
 #: Seconds a llama-server gets to answer a scrape of its figures.

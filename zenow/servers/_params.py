@@ -109,11 +109,10 @@ class _Server(BaseModel):
     #: llama.cpp RPC workers (`zenow worker` on other machines) that take part of the model's layers.
     rpc_servers: list[Annotated[str, StringConstraints(pattern=_RPC_WORKER)]] = Field(
         default_factory=list, max_length=16)
-    #: llama-server's flash attention (`-fa`).  "auto" is zenow's choice: off for an llm that runs
-    #: on the CPU (`gpu_layers` 0, no RPC workers), where llama.cpp's flash attention kernels are
-    #: slower (about 3x on a turn's first token deep in a conversation: bench/RESULTS.md), and
-    #: llama-server's own "auto" otherwise (on for a GPU that supports it, and for embed and
-    #: rerank, whose vectors are only identical from request to request with it on).
+    #: llama-server's flash attention (`-fa`), passed as it is; "auto" lets llama-server choose (on
+    #: where the device supports it, the CPU included).  On the CPU, "off" starts a turn deep in a
+    #: conversation sooner but generates about 10 % slower at every depth (bench/RESULTS.md); embed
+    #: and rerank vectors are only identical from request to request with it on.
     flash_attn: Literal["auto", "on", "off"] = "auto"
     #: Seconds without a request before the server is stopped (status `stopped`, reason `idle`;
     #: the next request starts it again); -1 never.  Not a server flag: a change restarts nothing.
