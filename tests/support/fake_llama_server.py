@@ -49,6 +49,11 @@ FAKE_LLAMA_TOKENIZE_DELAY=S   seconds /tokenize takes before answering (0).
 FAKE_LLAMA_TOKENIZE_DELAY_IF=TEXT  only when the content holds TEXT.
 FAKE_LLAMA_EVENT_LOG=PATH     append one JSON object per line (see below).
 FAKE_LLAMA_IGNORE_SIGTERM=1   ignore SIGTERM (SIGINT still stops it).
+FAKE_LLAMA_KEEPALIVE_CLOSE=S  a kept-alive connection whose next request comes S
+                              seconds or more after its last answer is closed
+                              unanswered: what the real server (cpp-httplib, which
+                              closes idle connections after 5 s) does to a request
+                              that crosses its close.
 FAKE_LLAMA_WITHOUT=PATHS      comma-separated paths (e.g. /health,/tokenize) that
                               answer 404, like a server that has no such route.
 
@@ -289,6 +294,7 @@ class State:
         self.tokenize_delay_if = os.environ.get("FAKE_LLAMA_TOKENIZE_DELAY_IF", "")
         self.crash_mid_stream = _env_int("FAKE_LLAMA_CRASH_MID_STREAM")
         self.without = {p.strip() for p in os.environ.get("FAKE_LLAMA_WITHOUT", "").split(",") if p.strip()}
+        self.keepalive_close = _env_float("FAKE_LLAMA_KEEPALIVE_CLOSE", 0.0)
         #: One per slot: a chat completion generates only while it holds one.
         self.slots = threading.BoundedSemaphore(opts["parallel"])
         self.started = time.time()
@@ -439,10 +445,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        self._answered_at = None  # when this connection's last answer was written
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+    def handle_one_request(self):
+        limit = self.state.keepalive_close
+        if limit > 0 and self._answered_at is not None:
+            select.select([self.connection], [], [])  # the next request (or the client's close)
+            if time.monotonic() - self._answered_at >= limit:
+                log("srv  keep-alive: closing a connection idle past FAKE_LLAMA_KEEPALIVE_CLOSE unanswered")
+                self.close_connection = True
+                return
+        super().handle_one_request()
+        self._answered_at = time.monotonic()
 
     def log_request(self, code="-", size="-"):
         code = getattr(code, "value", code)

@@ -50,7 +50,7 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import ServerHandle, ServerStatus
+from ..servers import ServerHandle, ServerStatus, upstream_client
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
@@ -158,10 +158,7 @@ class ChatStreamerActor(Actor):
         self._sessions: dict[int, _SessionChats] = {}
         #: (endpoint, system prompt, its token count): the one count every chat needs.
         self._system_count: tuple[str, str, int] | None = None
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
-        )
+        self._http = upstream_client(httpx.Timeout(10.0, read=read_timeout), keepalive_connections=16)
 
     async def teardown(self) -> None:
         await self._http.aclose()

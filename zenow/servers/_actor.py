@@ -63,6 +63,7 @@ from ..store import ModelInfo, Store
 from . import _memory
 from ._binary import find_llama_server
 from ._childlog import ChildLog
+from ._client import upstream_client
 from ._gate import DEFAULT_SWITCH_WAIT, ModelGate
 from ._gguf import GGUFInfo, mode_problem, model_details, read_gguf_info
 from ._idle import IDLE, Activity, idle_expired, watch_idle
@@ -241,7 +242,7 @@ class ServerActor(Actor):
         self._remote: RemoteMonitor | None = None
         self._backend_keys = BackendKeys(settings.home / "secrets")
         self._backend_key: str | None = None
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
+        self._http = upstream_client(httpx.Timeout(2.0))
 
     # ------------------------------------------------------------ lifecycle
 

@@ -23,6 +23,7 @@ import trio
 from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
+from ..servers import upstream_client
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -60,10 +61,7 @@ class UpstreamActor(Actor):
     def __init__(self, read_timeout: float = READ_TIMEOUT) -> None:
         # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
         # a pool limit here would fail the request beyond it after the pool timeout instead.
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=read_timeout), trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
-        )
+        self._http = upstream_client(httpx.Timeout(10.0, read=read_timeout))
 
     async def teardown(self) -> None:
         await self._http.aclose()
