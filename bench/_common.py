@@ -330,4 +330,6 @@ async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, A
 
 def client(base_url: str = "", timeout: float = 600) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False,
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=128))
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=128,
+                                                 # llama-server closes idle connections after 5 s, httpx after 5 s too
+                                                 keepalive_expiry=2.0))
