@@ -24,7 +24,7 @@ from .errors import ServerStartFailed, ZenowError
 from .events import EventHub, current_state
 from .handles import Services
 from .http_server import serve_http
-from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server
+from .servers import ServerActor, ServerBoard, ServerHandle, find_llama_server, upstream_client
 from .settings import MODES, Mode, Settings
 from .store import Store, StoreActor
 from .tokens import TokenCounter
@@ -136,7 +136,7 @@ async def serve(
             settings.mode_dir(mode).mkdir(parents=True, exist_ok=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         with bind_listener(settings.host, settings.port) as listener:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(10.0), trust_env=False) as upstream:
+            async with upstream_client(httpx.Timeout(10.0)) as upstream:
                 await _run(settings, upstream, listener, shutdown, task_status)
     finally:
         lock.release()

@@ -764,8 +764,6 @@ def _offloaded_layers(params: dict[str, Any]) -> int:
     return int(params["gpu_layers"]) or (999 if params.get("rpc_servers") else 0)
 
 
-
-
 #: Seconds a llama-server gets to answer a scrape of its figures.
 METRICS_TIMEOUT = 2.0
 #: Seconds an RPC worker gets to accept a connection before a start fails naming it.
@@ -813,7 +811,6 @@ class ServerHandle:
         self._http = http
         self._store = store
         self._downloads = downloads
-        #: Set while a request starts the model again after an idle stop; the others wait for it.
 
     def status(self) -> ServerStatus:
         """The latest published status (a snapshot; it may change right after)."""
