@@ -887,7 +887,8 @@ async def test_a_redirect_loop_ends_after_max_redirects(downloads, files):
 
 
 def test_a_redirect_from_https_down_to_http_is_refused():
-    from zenow.downloads._actor import _check_redirect, _Failure
+    from zenow.downloads._exchange import Failure as _Failure
+    from zenow.downloads._exchange import check_redirect as _check_redirect
 
     _check_redirect(httpx.URL("http://a.example/x.gguf"), httpx.URL("https://b.example/x.gguf"))
     with pytest.raises(_Failure, match="redirected from https down to plain http"):
