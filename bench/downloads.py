@@ -2,13 +2,16 @@
 fetched by zenow (`POST /api/models/download`, until it is `completed`: progress, GGUF check,
 fsync and rename included) and by `curl -o`, alternating.
 
-    python bench/downloads.py [--size-mib 1024] [--rounds 3] [--quick] [--follow events|poll]
+    python bench/downloads.py [--size-mib 1024] [--rounds 3] [--quick] [--follow events|poll] [--no-settle]
+        [--zenow-path DIR]
 
 `--follow`: how the zenow leg learns that its download ended: from the event stream
 (`GET /api/events?types=download`, opened before the POST; the default) or by polling
 `GET /api/models/download/status` every 10 ms.  Each leg's CPU seconds per GiB are
 reported: zenow's process (/proc/PID/stat, before and after), curl's (the children's
-rusage, before and after), and the HTTP server's for either.
+rusage, before and after), and the HTTP server's for either.  Before each leg (untimed) the
+machine's dirty pages are written (`sync`), so that no leg pays for the write-back of the one
+before it (curl leaves its GiB dirty; zenow syncs its own); `--no-settle` skips that.
 
 Target (issue 11): at least 90 % of curl's throughput.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -94,12 +98,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         gib = size / 2**30
         try:
             async with trio.open_nursery() as nursery:
-                zenow = await start_zenow(nursery, home, env=zenow_env())
+                zenow = await start_zenow(nursery, home, env=zenow_env(), python_path=args.zenow_path)
                 try:
                     async with client(zenow.url) as http:
                         for round_ in range(args.rounds):
                             for name in (["curl -o", "zenow"] if round_ % 2 == 0 else ["zenow", "curl -o"]):
                                 url = f"http://127.0.0.1:{port}/model.gguf?round={round_}"
+                                if args.settle:
+                                    await trio.to_thread.run_sync(os.sync)
                                 server_before = cpu_seconds(server.pid)
                                 if name == "curl -o":
                                     target = Path(root) / "curl.gguf"
@@ -122,7 +128,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.terminate()
             await server.wait()
-    return {"size_mib": args.size_mib, "rounds": args.rounds, "follow": args.follow, "mib_per_s": samples,
+    return {"size_mib": args.size_mib, "rounds": args.rounds, "follow": args.follow, "settle": args.settle,
+            "mib_per_s": samples,
             "cpu_s_per_gib": cpu, "server_cpu_s_per_gib": server_cpu}
 
 
@@ -132,7 +139,8 @@ def render(results: dict[str, Any]) -> str:
              fmt(median(results["cpu_s_per_gib"][name]), 3), fmt(median(results["server_cpu_s_per_gib"][name]), 3)]
             for name, v in results["mib_per_s"].items()]
     return (f"Downloads: {results['size_mib']} MiB from python -m http.server on 127.0.0.1, "
-            f"{results['rounds']} alternating rounds, zenow followed by {results['follow']}\n\n"
+            f"{results['rounds']} alternating rounds, zenow followed by {results['follow']}"
+            + (", dirty pages synced before each leg" if results.get("settle") else "") + "\n\n"
             + table(["client", "MiB/s p50", "worst", "p90", "of curl", "client CPU s/GiB p50",
                      "server CPU s/GiB p50"], rows))
 
@@ -144,6 +152,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256 MiB, one round")
     parser.add_argument("--follow", choices=["events", "poll"], default="events",
                         help="how the zenow leg learns its download ended: the event stream, or polling its status")
+    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
+    parser.add_argument("--no-settle", dest="settle", action="store_false",
+                        help="do not write the dirty pages back before each leg")
     args = parser.parse_args()
     if args.quick:
         args.size_mib, args.rounds = min(args.size_mib, 256), 1
