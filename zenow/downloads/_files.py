@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 _HASH_BLOCK = 1 << 20
+#: The most bytes one `write` call hands the kernel.  Measured (bench/RESULTS.md, branch `dl`): 1 MiB
+#: writes cost the kernel 0.22-0.24 s of CPU per GiB after a download and 0.8-1.8 s after another file of
+#: the same size was written with small writes and deleted (page cache folios as large as the write,
+#: presumably, that the fragmented memory must first make room for); 64 and 128 KiB writes cost
+#: 0.25-0.29 s per GiB every time.
+_WRITE_PIECE = 128 << 10
 
 
 def part_path_of(final: Path) -> Path:
@@ -146,10 +152,10 @@ class PartFile:
         self.position = offset
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append `data` (a short write is continued, never dropped)."""
+        """Append `data` (a short write is continued, never dropped), `_WRITE_PIECE` bytes a call."""
         view = memoryview(data)
         while view:
-            written = self._file.write(view)
+            written = self._file.write(view[:_WRITE_PIECE])
             self.position += written
             view = view[written:]
         if self._digest is not None:
