@@ -30,10 +30,10 @@ __all__ = [
 
 _HASH_BLOCK = 1 << 20
 #: The most bytes one `write` call hands the kernel.  Measured (bench/RESULTS.md, branch `dl`): 1 MiB
-#: writes cost the kernel 0.22-0.24 s of CPU per GiB after a download and 0.8-1.8 s after another file of
-#: the same size was written with small writes and deleted (page cache folios as large as the write,
-#: presumably, that the fragmented memory must first make room for); 64 and 128 KiB writes cost
-#: 0.25-0.29 s per GiB every time.
+#: writes cost the kernel 0.22-0.24 s of CPU per GiB in some downloads and 0.8-1.8 s in others (always
+#: after another file of that size was written with small writes and deleted: page cache folios as
+#: large as the write, presumably, that fragmented memory must first make room for); 64 and 128 KiB
+#: writes cost 0.25-0.29 s per GiB every time.
 _WRITE_PIECE = 128 << 10
 
 
