@@ -587,6 +587,9 @@ class DownloadActor(Actor):
                 return  # a 416 for a .part that was already complete
             await self._check_room(part.parent, 0 if total is None else total - offset,
                                    size_known=total is not None, received=offset)
+            refused = answer.not_gguf()
+            if refused is not None:
+                raise refused
             await self._receive(download, exchange, answer, part, offset)
         finally:
             exchange.close()

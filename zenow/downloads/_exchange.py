@@ -24,12 +24,13 @@ import http
 import http.client
 import os
 import re
+import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import httpx
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: Seconds a 200 answer's first body bytes are waited for, to refuse a body that is no GGUF file
+#: before the server has sent much of it (a server holding the body costs a download that long).
+_FIRST_BYTES_WAIT = 0.2
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -100,6 +104,15 @@ class Answer:
     status: int
     #: Header names in lower case (the last one wins); values as latin-1, as `http.client` reads them.
     headers: dict[str, str]
+    #: The body's first bytes (up to 4) of a 200 answer, looked at before anything else is done.
+    head: bytes = b""
+
+    def not_gguf(self) -> Failure | None:
+        """The `Failure` of an answer whose body starts the file and does not start like a GGUF file
+        (its connection is closed already), or None."""
+        if self.status != 200 or not self.head or GGUF_MAGIC.startswith(self.head):
+            return None
+        return Failure(f"the server's response is not a GGUF file ({described(self)})", discard_part=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +196,7 @@ class Exchange:
             answer = self._request(url, authorization, headers)
             location = answer.headers.get("location")
             if answer.status not in _REDIRECTS or location is None:
-                return answer
+                return self._looked_at(answer)
             self.close()
             following = _redirect_url(url, location)
             check_redirect(url, following)
@@ -225,6 +238,26 @@ class Exchange:
         self._response = response
         names = {name.lower(): value for name, value in response.getheaders()}
         return Answer(url, response.status, names)
+
+    def _looked_at(self, answer: Answer) -> Answer:
+        """`answer` with the first bytes of its body when it is a 200 (the file from its start) and
+        they arrive within `_FIRST_BYTES_WAIT` (the body is checked again as it is received); a body
+        that is no GGUF file is not read any further: its connection is closed at once, before the
+        server sends much more of it."""
+        response, sock = self._response, self._socket
+        if answer.status != 200 or response is None or response.chunked or response.length == 0:
+            return answer
+        if sock is None or not select.select([sock], [], [], _FIRST_BYTES_WAIT)[0]:
+            return answer  # nothing came after the head (the file's own buffer may hold some: left alone)
+        assert response.fp is not None
+        try:
+            head = response.fp.peek(len(GGUF_MAGIC))[:len(GGUF_MAGIC)]
+        except (OSError, http.client.HTTPException) as exc:
+            raise _translate(exc, connecting=False) from exc
+        answer = replace(answer, head=head)
+        if answer.not_gguf() is not None:
+            self.close()
+        return answer
 
     # ------------------------------------------------------------ the body
 
