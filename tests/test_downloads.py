@@ -28,7 +28,7 @@ from tests.support.harness import make_settings, spawn_zenow, start_zenow, wait_
 from tests.support.llama import FAKE_LLAMA_SERVER
 from zenow.actor import Supervisor
 from zenow.downloads import CANCELLED, INTERRUPTED, DownloadActor, DownloadPolicy, Downloads, FileAlreadyExists
-from zenow.errors import DownloadFailed, DownloadNotFound, InvalidRequest
+from zenow.errors import DownloadFailed, DownloadNotFound, InvalidModelFile, InvalidRequest
 from zenow.store import Store, StoreActor
 
 KB = 1024
@@ -887,7 +887,8 @@ async def test_a_redirect_loop_ends_after_max_redirects(downloads, files):
 
 
 def test_a_redirect_from_https_down_to_http_is_refused():
-    from zenow.downloads._actor import _check_redirect, _Failure
+    from zenow.downloads._exchange import Failure as _Failure
+    from zenow.downloads._exchange import check_redirect as _check_redirect
 
     _check_redirect(httpx.URL("http://a.example/x.gguf"), httpx.URL("https://b.example/x.gguf"))
     with pytest.raises(_Failure, match="redirected from https down to plain http"):
@@ -914,3 +915,62 @@ def test_a_length_or_range_in_other_digits_is_no_length():
     assert content_length({"content-length": "²"}) is None  # "²".isdigit(), and int() refused it
     assert content_length({"content-length": " 42 "}) == 42
     assert parse_content_range("bytes \u0661-\u0662/\u0663") is None  # Arabic-Indic 1-2/3
+
+
+# ---------------------------------------------------------------- the exchange in its worker thread
+
+
+async def test_a_chunked_body_is_downloaded_and_resumed_after_a_drop(downloads, files, settings):
+    data = gguf(700 * KB)
+    served = files.add("/chunked.gguf", data, chunked=True, drops=[300 * KB])  # no Content-Length
+    whole = files.add("/whole-chunked.gguf", data, chunked=True)
+
+    record = await downloads.fetch(files.url("/chunked.gguf"), None, "llm")
+    assert (record.status, record.downloaded, record.total) == ("completed", len(data), len(data))
+    assert served.ranges_asked == [None, f"bytes={300 * KB}-"]
+    assert served.sent == len(data)
+    assert (settings.mode_dir("llm") / "chunked.gguf").read_bytes() == data
+    assert (await downloads.fetch(files.url("/whole-chunked.gguf"), None, "embed")).downloaded == len(data)
+    assert whole.ranges_asked == [None]
+    assert (settings.mode_dir("embed") / "whole-chunked.gguf").read_bytes() == data
+
+
+async def test_a_drop_in_the_middle_of_a_read_buffer_keeps_every_byte_received(downloads, files, settings):
+    data = gguf(3 * MB + 123)
+    cut = MB + 512 * KB + 7  # neither on a buffer's edge nor a chunk's
+    served = files.add("/big.gguf", data, drops=[cut], chunk_size=48 * KB)
+
+    assert (await downloads.fetch(files.url("/big.gguf"), None, "llm")).status == "completed"
+    assert served.ranges_asked == [None, f"bytes={cut}-"]  # everything before the cut was written
+    assert served.sent == len(data)
+    assert (settings.mode_dir("llm") / "big.gguf").read_bytes() == data
+
+
+async def test_cancel_while_the_thread_waits_on_a_stalled_server_returns_at_once_and_keeps_the_bytes(
+        nursery, files, settings):
+    # a read timeout far longer than the test: only shutting the socket down can end the read
+    downloads = await download_actor(nursery, settings, DownloadPolicy(read_timeout=600))
+    served = files.add("/stalled.gguf", gguf(900 * KB), holds=[200 * KB + 5])
+    url = files.url("/stalled.gguf")
+
+    await downloads.start(url, None, "llm")
+    await reached(downloads, url, 200 * KB + 5)
+    with trio.fail_after(5):
+        record = await downloads.cancel(url)
+    assert (record.status, record.error, record.downloaded) == ("failed", CANCELLED, 200 * KB + 5)
+    part = settings.mode_dir("llm") / "stalled.gguf.part"
+    assert part.read_bytes() == served.data[:200 * KB + 5]  # no hole, no half write
+    served.release.set()
+
+
+async def test_header_values_that_are_not_ascii_are_read_as_latin_1(downloads, files, settings):
+    data = gguf(100 * KB)
+    utf8 = "modèle-ü".encode().decode("latin-1")  # the UTF-8 bytes, sent as they are
+    files.add("/accents.gguf", data, headers={"X-Note": utf8, "Content-Disposition": f'attachment; filename="{utf8}"'},
+              content_type=f"application/octet-stream; name={utf8}")
+    files.add("/page.gguf", b"<html>" + bytes(100), content_type="text/h\u00e9ml")
+
+    assert (await downloads.fetch(files.url("/accents.gguf"), None, "llm")).status == "completed"
+    assert (settings.mode_dir("llm") / "accents.gguf").read_bytes() == data
+    with pytest.raises(InvalidModelFile, match=r"not a GGUF file \(HTTP 200, an unreadable Content-Type\)$"):
+        await downloads.fetch(files.url("/page.gguf"), None, "llm")

@@ -4,6 +4,7 @@ Raw trio sockets, one request per connection, so a test can make it misbehave th
 real servers and links do: serve ranges (206 + Content-Range) or ignore them (200, the
 whole file), drop the connection after N body bytes, hold a response until the test
 releases it, trickle slowly, answer an error status, announce a wrong length or type,
+send the body in chunks (`Transfer-Encoding: chunked`) or extra headers (any bytes),
 redirect anywhere, or answer bytes that are no HTTP at all.  It counts the body bytes
 it sent, per file, so a test can tell "fetched once" from "twice", and keeps each
 request's target and Authorization header.
@@ -62,6 +63,10 @@ class ServedFile:
     announce_length: int | None = None
     #: False: send no Content-Length; the body ends when the connection closes.
     send_length: bool = True
+    #: Send the body with `Transfer-Encoding: chunked` (one HTTP chunk per `chunk_size`; no Content-Length).
+    chunked: bool = False
+    #: More headers; each character of a value is sent as the byte of its code point (latin-1).
+    headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/octet-stream"
     #: Redirect here (with `status`, 302 unless set otherwise) instead of serving the file.
     location: str | None = None
@@ -144,9 +149,12 @@ class FileServer:
         body = served.data[start:]
         length = served.announce_length if served.announce_length is not None else len(body)
         served.requests.append(seen(status))
-        if served.send_length:
+        if served.chunked:
+            extra["Transfer-Encoding"] = "chunked"
+        elif served.send_length:
             extra["Content-Length"] = str(length)
-        await _send(stream, status, {**extra, "Accept-Ranges": "bytes", "Content-Type": served.content_type})
+        await _send(stream, status, {**extra, "Accept-Ranges": "bytes", "Content-Type": served.content_type,
+                                     **served.headers})
         if head_only:
             return
         position = 0
@@ -162,11 +170,13 @@ class FileServer:
             if position >= limit:
                 return  # the drop: close without sending the rest
             chunk = body[position:min(limit, position + served.chunk_size)]
-            await stream.send_all(chunk)
+            await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk) if served.chunked else chunk)
             position += len(chunk)
             served.sent += len(chunk)
             if served.trickle:
                 await trio.sleep(served.trickle)
+        if served.chunked:
+            await stream.send_all(b"0\r\n\r\n")
 
 
 async def _read_head(stream: trio.SocketStream) -> tuple[str, str, dict[str, str]] | None:

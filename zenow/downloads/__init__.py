@@ -9,9 +9,11 @@ used only when it is known to be the one asked for (else `FileAlreadyExists`, 40
 
 Layering: `_target` checks a request (pure), `_redact` hides credentials (pure),
 `_headers` reads Content-Range and Content-Length (pure), `_files` does the blocking
-file work the actor runs in threads, `_sink` writes a transfer's batches in a worker
-thread while the next one arrives, `_transport` is the HTTP client's transport (wide
-reads), `_actor` holds the actor, its transfer tasks and the handle.
+file work (the `.part`, its digest, the rename), `_exchange` is one attempt's HTTP
+exchange, blocking (stdlib `http.client`): the request, its redirects, and the body
+read into one buffer and written to the `.part` by the same worker thread (trio-free),
+`_actor` holds the actor, its transfer tasks (which follow the thread's counters to
+announce progress, and shut its socket down to cancel it) and the handle.
 """
 
 from ._actor import CANCELLED as CANCELLED

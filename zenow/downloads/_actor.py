@@ -7,10 +7,14 @@ A download of a URL goes through these states (the spec's `status`)::
         └────────> failed         `error` says why; the `.part` stays when the download can resume
 
 While `downloading`, the transfer retries a dropped connection with exponential backoff
-and continues from the bytes on disk with an HTTP `Range` request.  Progress lives in
-memory (updated with every chunk received); the store gets the record when the
-download starts, when each connection's answer is accepted (the size is then known),
-every `checkpoint_interval` seconds, and when it ends: never a write per chunk.
+and continues from the bytes on disk with an HTTP `Range` request.  Each attempt's HTTP
+exchange runs in a worker thread (`_exchange`: a blocking socket, the body written to
+the `.part` by that thread); the transfer task reads the thread's counter every
+`announce_interval` to announce the progress, and cancels an attempt by shutting its
+socket down (the bytes received are written first).  Progress lives in memory; the
+store gets the record when the download starts, when each connection's answer is
+accepted (the size is then known), every `checkpoint_interval` seconds, and when it
+ends: never a write per chunk.
 
 Restart policy: a record still `downloading` when zenow stops (or crashes) is shown as
 `failed` with error `interrupted: zenow stopped` on the next start, its `downloaded`
@@ -51,18 +55,15 @@ their bodies: only to http or https, and never from https down to http.
 
 from __future__ import annotations
 
-import errno
-import http
 import logging
-import re
-import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal, NoReturn
 
 import httpx
+import outcome
 import trio
 
 from .. import __version__, metrics
@@ -73,11 +74,14 @@ from ..servers import model_details, read_gguf_info
 from ..settings import Settings, is_mode
 from ..store import DownloadRecord, ModelDetails, Store
 from . import _files as files
-from ._headers import content_length, parse_content_range
+from ._exchange import Answer, BodyRules, Exchange, ExchangeLimits
+from ._exchange import Dropped as _Dropped
+from ._exchange import Failure as _Failure
+from ._exchange import accepted_range as _accepted_range
+from ._exchange import amount as _amount
+from ._exchange import write_failure as _write_failure
 from ._redact import redact_text, redact_url
-from ._sink import PartSink
 from ._target import DownloadTarget, path_in_folder
-from ._transport import WideReadTransport
 
 __all__ = [
     "CANCELLED",
@@ -102,6 +106,9 @@ NOT_GGUF = ("not a GGUF file", "the server's response is not a GGUF file")
 
 #: Seconds a final record may take to reach the store when the transfer ends.
 _STORE_WRITE_TIMEOUT = 5.0
+#: Transfers whose HTTP exchange runs in a worker thread at once (more wait for a thread); their
+#: own limiter, so that long transfers never hold the threads the store's work needs.
+_TRANSFER_THREADS = 8
 
 _Status = Literal["downloading", "completed", "failed"]
 
@@ -130,12 +137,12 @@ class DownloadPolicy:
     backoff_max: float = 30.0
     #: Consecutive attempts that receive nothing before the download fails (progress resets it).
     attempts_without_progress: int = 8
-    #: The most bytes one read of the body asks for.
+    #: The most bytes one read of the body asks for (the size of the buffer it is read into).
     read_bytes: int = 1 << 20
-    #: Received bytes are written to the `.part` once this many are buffered, or this often.
+    #: Received bytes are written to the `.part` once this many are held, or this often.
     flush_bytes: int = 1 << 20
     flush_interval: float = 0.5
-    #: Written bytes are put on the disk every this many while the download goes on.
+    #: Written bytes are sent on their way to the disk every this many while the download goes on.
     write_back_bytes: int = 32 << 20
     #: How often a running download's progress is announced (the event hub paces it further).
     announce_interval: float = 0.1
@@ -160,29 +167,6 @@ class DiscardedDownload:
     cancelled: bool
     #: A `.part` of it was on disk and is deleted (a completed model file is never deleted).
     part_deleted: bool
-
-
-class _Failure(Exception):
-    """Ends a transfer in `failed`; `discard_part` when the bytes on disk cannot be resumed."""
-
-    def __init__(self, reason: str, *, discard_part: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.discard_part = discard_part
-
-
-class _Dropped(Exception):
-    """One attempt ended early but the download may go on: retry after a backoff.
-
-    `progressed`: the attempt received bytes (so the backoff starts again from the
-    beginning).  `start_over`: the bytes on disk are no good for a resume.
-    """
-
-    def __init__(self, reason: str, *, progressed: bool = False, start_over: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.progressed = progressed
-        self.start_over = start_over
 
 
 class _Outcome:
@@ -266,28 +250,23 @@ class _Download:
 
 
 class DownloadActor(Actor):
-    """Owns every download: its state, its task, its `.part` file and one HTTP client."""
+    """Owns every download: its state, its task, its `.part` file; its HTTP exchanges run in worker threads."""
 
     def __init__(self, settings: Settings, store: Store, policy: DownloadPolicy | None = None) -> None:
         self._settings = settings
         self._store = store
         self._policy = policy or DownloadPolicy()
         self._downloads: dict[str, _Download] = {}
-        self._client: httpx.AsyncClient | None = None
+        p = self._policy
+        self._limits = ExchangeLimits(
+            connect_timeout=p.connect_timeout, read_timeout=p.read_timeout, max_redirects=p.max_redirects,
+            read_bytes=p.read_bytes, flush_bytes=p.flush_bytes, flush_interval=p.flush_interval,
+            write_back_bytes=p.write_back_bytes)
+        self._threads = trio.CapacityLimiter(_TRANSFER_THREADS)
 
     # ------------------------------------------------------------ lifecycle
 
     async def setup(self) -> None:
-        p = self._policy
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=p.connect_timeout, read=p.read_timeout, write=p.read_timeout,
-                                  pool=p.connect_timeout),
-            follow_redirects=False,  # followed by hand in `_open`: schemes checked, bodies unread
-            trust_env=False,
-            transport=WideReadTransport(p.read_bytes),
-            # byte offsets must be the file's, so no compression on the wire
-            headers={"Accept-Encoding": "identity", "User-Agent": f"zenow/{__version__}"},
-        )
         for record in await self._store.list_downloads():
             download = _Download.of(record)
             if download is None:
@@ -299,10 +278,6 @@ class DownloadActor(Actor):
                 download.downloaded = await trio.to_thread.run_sync(files.file_size, self._part_path(download.target))
                 await self._store.save_download(download.record())
             self._downloads[record.url] = download
-
-    async def teardown(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
 
     # ------------------------------------------------------------ operations
 
@@ -581,53 +556,43 @@ class DownloadActor(Actor):
     async def _attempt(self, download: _Download, part: Path) -> None:
         """One HTTP request: continue the `.part` from its size to the end of the body.
 
+        The exchange runs in a worker thread (`_exchange`); this task follows it.
         Raises `_Dropped` when the attempt ended early (retry), `_Failure` when the
-        download cannot succeed.
+        download cannot succeed.  Cancelling it shuts the connection down and returns
+        once the thread has written what it received.
         """
         offset = await trio.to_thread.run_sync(files.file_size, part)
         if offset and not await trio.to_thread.run_sync(files.is_gguf_prefix, part):
             offset = 0  # a .part that cannot begin a GGUF file is not worth resuming
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        target = download.target
+        exchange = Exchange(self._limits, f"zenow/{__version__}")
         try:
-            async with self._open(download.target, headers) as response:
-                offset, total = _accepted_range(response, offset, download.total)
-                self._check_size(total)
-                download.downloaded, download.total = offset, total
-                self._announce(download.record())
-                if total is not None and offset == total:
-                    return  # a 416 for a .part that was already complete
-                await self._check_room(part.parent, 0 if total is None else total - offset,
-                                       size_known=total is not None, received=offset)
-                await self._checkpoint(download)  # the size is known now: worth keeping
-                await self._receive(download, response, part, offset)
-        except httpx.HTTPError as exc:
-            raise _translate(exc) from exc
-
-    @asynccontextmanager
-    async def _open(self, target: DownloadTarget, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
-        """The streamed response to a GET of the target, redirects followed; closed on exit.
-
-        The URL's credentials go as Basic auth on the first request (httpx keeps the
-        header only on redirects within the origin or up to https).  A redirect's body
-        is never read.  Raises `_Failure` for a redirect to a scheme other than http(s),
-        from https down to http, or past `max_redirects`; `httpx.HTTPError`.
-        """
-        assert self._client is not None
-        request = self._client.build_request("GET", target.request_url, headers=headers)
-        auth = target.auth
-        for _ in range(self._policy.max_redirects + 1):
-            response = await self._client.send(request, auth=auth, stream=True, follow_redirects=False)
-            following = response.next_request
-            if following is None:
-                try:
-                    yield response
-                finally:
-                    await response.aclose()
-                return
-            await response.aclose()
-            _check_redirect(request.url, following.url)
-            request, auth = following, None  # the Authorization header went along where it may
-        raise _Failure(f"too many redirects (more than {self._policy.max_redirects})")
+            # nothing is written while the answer is awaited: a cancel may leave the thread behind
+            # (it closes its connection itself), so a connect that hangs never holds the cancel up
+            answer = await trio.to_thread.run_sync(
+                partial(_opened, exchange, target.request_url, target.authorization, headers),
+                limiter=self._threads, abandon_on_cancel=True)
+        except trio.Cancelled:
+            exchange.abort()
+            raise
+        try:
+            if offset and answer.status == 200:
+                log.info("%s ignored the range request; starting over", redact_url(str(answer.url)))
+            offset, total = _accepted_range(answer, offset, download.total)
+            self._check_size(total)
+            download.downloaded, download.total = offset, total
+            self._announce(download.record())
+            if total is not None and offset == total:
+                return  # a 416 for a .part that was already complete
+            await self._check_room(part.parent, 0 if total is None else total - offset,
+                                   size_known=total is not None, received=offset)
+            refused = answer.not_gguf()
+            if refused is not None:
+                raise refused
+            await self._receive(download, exchange, answer, part, offset)
+        finally:
+            exchange.close()
 
     def _check_size(self, total: int | None) -> None:
         """Raise `_Failure` (the `.part` goes) when the announced size is over `max_download_size`."""
@@ -648,8 +613,12 @@ class DownloadActor(Actor):
 
         Raises `_Failure` when the free space cannot be read.
         """
+        return await trio.to_thread.run_sync(self._room_now, directory)
+
+    def _room_now(self, directory: Path) -> int:
+        """`_room`, blocking (for a worker thread)."""
         try:
-            free = await trio.to_thread.run_sync(self._policy.free_space, directory)
+            free = self._policy.free_space(directory)
         except OSError as exc:
             raise _Failure(f"cannot check the free disk space in {directory}: {exc.strerror or exc}") from exc
         return free - self._settings.download_free_margin
@@ -665,123 +634,76 @@ class DownloadActor(Actor):
         raise _Failure(f"not enough disk space: {_amount(free)} free in {directory} after {_amount(received)}"
                        f" of a file whose size the server did not announce, {keep}")
 
-    async def _receive(self, download: _Download, response: httpx.Response, part: Path, offset: int) -> None:
-        """Write the body to the `.part` from `offset`; flush and fsync it when the body is complete.
+    async def _receive(self, download: _Download, exchange: Exchange, answer: Answer, part: Path,
+                       offset: int) -> None:
+        """Write the body to the `.part` from `offset` (in the exchange's worker thread); it is
+        synced once the body is complete.
 
-        The body is read in large chunks and written in batches by a worker thread while
-        the next batch arrives; progress is announced at most every `announce_interval`.
-        Raises `_Dropped` when the body ends early, `_Failure` when the body is not a
-        GGUF file, is longer than announced or than `max_download_size`, or the disk
-        has no room for it.
+        This task announces the progress every `announce_interval` and saves it every
+        `checkpoint_interval`, from the thread's counters: the body never passes through
+        the event loop.  Raises what `Exchange.receive` raises: `_Dropped` when the body
+        ends early, `_Failure` when it is not a GGUF file, is longer than announced or
+        than `max_download_size`, or the disk has no room for it.  Cancelling it shuts the
+        connection down; it returns (raising `Cancelled`) once the thread has written
+        what it held and the file is closed.
         """
-        policy, total = self._policy, download.total
-        limit = self._settings.max_download_size
+        policy, mode = self._policy, download.target.mode
         if download.target.sha256 is not None and download.digest is None:
             download.digest = files.PartDigest()
-        try:
-            writer = await trio.to_thread.run_sync(files.PartFile, part, offset, download.digest)
-        except OSError as exc:
-            raise _write_failure(part, exc) from exc
-        received = 0
-        # the file's first bytes until the GGUF magic is checked (a resumed .part's were checked before
-        # the request: they are the magic, or a piece of it when the first connection dropped that early)
-        magic_checked = offset >= len(files.GGUF_MAGIC)
-        head = files.GGUF_MAGIC[:offset]
-        failed = False
-        last_flush = last_checkpoint = last_announce = trio.current_time()
+        directory = part.parent
+        accepted = download.record()  # the size is known now: worth keeping (saved while the body comes)
 
-        sink = PartSink(writer, policy.write_back_bytes)
+        def no_room(needed: int, room: int, received: int) -> NoReturn:
+            self._no_room(directory, needed, room, size_known=False, received=received)
 
-        async def flush() -> None:
-            """Start writing what is buffered (the batch before it written first)."""
-            if not sink.buffered:
-                return
+        rules = BodyRules(offset, download.total, self._settings.max_download_size,
+                          partial(self._room_now, directory), no_room)
+        counted = 0  # this attempt's bytes already in the metrics
+
+        def take_progress() -> None:
+            nonlocal counted
+            received = exchange.received
+            download.downloaded = offset + received
+            if received > counted:
+                metrics.download_bytes(mode, received - counted)
+                counted = received
+
+        async def follow() -> None:
+            """Announce and save the progress until cancelled; then stop the exchange."""
+            last_checkpoint, announced = trio.current_time(), download.downloaded
             try:
-                if total is None:  # nobody said how much is coming: look at the disk as it fills
-                    await sink.settle()
-                    room = await self._room(part.parent)
-                    if sink.buffered > room:  # what still fits is kept for a resume once space is freed
-                        needed = sink.buffered
-                        sink.keep_first(max(room, 0))
-                        await sink.write_all()
-                        self._no_room(part.parent, needed, room, size_known=False,
-                                      received=download.downloaded - needed + max(room, 0))
-                await sink.write_buffered()
-            except OSError as exc:
-                raise _write_failure(part, exc) from exc
-
-        try:
-            try:
-                async for chunk in response.aiter_raw():
-                    received += len(chunk)
-                    download.downloaded += len(chunk)
-                    metrics.download_bytes(download.target.mode, len(chunk))
-                    if not magic_checked:
-                        head += chunk[:len(files.GGUF_MAGIC)]
-                        if len(head) >= len(files.GGUF_MAGIC):
-                            if not head.startswith(files.GGUF_MAGIC):
-                                raise _Failure(f"the server's response is not a GGUF file ({_described(response)})",
-                                               discard_part=True)
-                            magic_checked = True
-                    sink.add(chunk)
-                    if total is not None and download.downloaded > total:
-                        raise _Failure(f"the server sent more than the {total} bytes it announced",
-                                       discard_part=True)
-                    if total is None and download.downloaded > limit:
-                        raise _Failure(f"too large: the server sent more than {_amount(limit)} without"
-                                       f" announcing a size; the limit is {_amount(limit)} (max_download_size)",
-                                       discard_part=True)
-                    now = trio.current_time()
-                    if magic_checked and (sink.buffered >= policy.flush_bytes
-                                          or now - last_flush >= policy.flush_interval):
-                        await flush()
-                        last_flush = now
-                    if now - last_announce >= policy.announce_interval:
+                await self._checkpoint(download, accepted)
+                while True:
+                    await trio.sleep(policy.announce_interval)
+                    take_progress()
+                    if download.downloaded != announced:
                         self._announce(download.record())
-                        last_announce = now
-                    if now - last_checkpoint >= policy.checkpoint_interval:
+                        announced = download.downloaded
+                    if trio.current_time() - last_checkpoint >= policy.checkpoint_interval:
                         await self._checkpoint(download)
-                        last_checkpoint = now
-            except httpx.HTTPError as exc:
-                translated = _translate(exc)
-                if isinstance(translated, _Dropped):
-                    translated.progressed = received > 0
-                raise translated from exc
-            if total is not None and download.downloaded < total:
-                raise _Dropped(f"the connection closed after {download.downloaded} of {total} bytes",
-                               progressed=received > 0)
-            await flush()
-            try:
-                await sink.settle_all()
-                await trio.to_thread.run_sync(writer.sync)
-            except OSError as exc:
-                raise _write_failure(part, exc) from exc
-        except _Failure:
-            failed = True  # what is still buffered is not worth the disk: no GGUF, too much, no room
-            sink.drop_buffered()
-            raise
-        finally:
-            with trio.CancelScope(shield=True):
-                if not failed:
-                    # whatever arrived is kept for a resume, even when the transfer is being cancelled
-                    try:
-                        await flush()
-                        await sink.settle()
-                    except _Failure as failure:
-                        log.warning("download of %s: %s", download.target.shown_url, failure.reason)
-                    except OSError as exc:
-                        log.warning("download of %s: %s", download.target.shown_url,
-                                    _write_failure(part, exc).reason)
-                with suppress(Exception):
-                    await sink.settle_all()  # a thread still writing: the file stays open until it is done
-                try:
-                    await trio.to_thread.run_sync(writer.close)
-                except OSError as exc:
-                    log.warning("download of %s: closing %s: %s", download.target.shown_url, part, exc)
+                        last_checkpoint = trio.current_time()
+            finally:
+                exchange.abort()  # a no-op once the thread returned
 
-    async def _checkpoint(self, download: _Download) -> None:
         try:
-            await self._store.save_download(download.record())
+            async with trio.open_nursery() as following:
+                following.start_soon(follow)
+                try:
+                    # not abandoned on cancel: `follow` shuts the socket down and the thread returns
+                    # once what it received is written
+                    result = await trio.to_thread.run_sync(
+                        partial(outcome.capture, _write_body, exchange, part, download.digest, rules, answer),
+                        limiter=self._threads)
+                finally:
+                    following.cancel_scope.cancel()
+        finally:
+            take_progress()
+        result.unwrap()
+
+    async def _checkpoint(self, download: _Download, record: DownloadRecord | None = None) -> None:
+        """Save the download's record (or `record`, an earlier one of it); a store error is logged."""
+        try:
+            await self._store.save_download(record or download.record())
         except ZenowError as exc:
             log.warning("could not checkpoint the download of %s: %s", download.target.shown_url, exc)
 
@@ -799,118 +721,37 @@ def _check_joinable(running: DownloadTarget, asked: DownloadTarget) -> None:
                              param="sha256")
 
 
-_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]{0,19}")
-
-
-def _check_redirect(origin: httpx.URL, target: httpx.URL) -> None:
-    """Raise `_Failure` for a redirect zenow does not follow: to a scheme other than http(s), or https -> http."""
-    scheme = target.scheme
-    if scheme not in ("http", "https"):
-        shown = repr(scheme) if _SCHEME.fullmatch(scheme) else "that is not http"
-        raise _Failure(f"redirect refused: {redact_url(str(origin))} redirected to a URL with scheme {shown};"
-                       " only http and https URLs are followed")
-    if origin.scheme == "https" and scheme == "http":
-        raise _Failure(f"redirect refused: {redact_url(str(origin))} redirected from https down to plain http")
-
-
-def _accepted_range(response: httpx.Response, offset: int, known_total: int | None) -> tuple[int, int | None]:
-    """Where the body starts in the file and the file's size (None when unknown), from the status.
-
-    Raises `_Dropped` for a retry (with `start_over` when the `.part` must go) and
-    `_Failure` for an answer that ends the download.
-    """
-    status = response.status_code
-    if status == 206:
-        cr = parse_content_range(response.headers.get("content-range"))
-        if cr is None or cr.first != offset:
-            raise _Dropped(f"the server answered a range other than bytes={offset}-", start_over=True)
-        if known_total is not None and cr.complete is not None and cr.complete != known_total:
-            raise _Dropped(f"the file changed on the server ({known_total} -> {cr.complete} bytes)",
-                           start_over=True)
-        return offset, cr.complete
-    if status == 200:
-        if offset:
-            log.info("%s ignored the range request; starting over", redact_url(str(response.url)))
-        return 0, content_length(response.headers)
-    if status == 416 and offset:
-        cr = parse_content_range(response.headers.get("content-range"))
-        if cr is not None and cr.complete == offset:
-            return offset, offset
-        raise _Dropped("the server refused to resume", start_over=True)
-    reason = _status_text(status)
-    if status in (408, 425, 429) or status >= 500:
-        raise _Dropped(reason)
-    raise _Failure(f"{reason} from {redact_url(str(response.url))}", discard_part=True)
-
-
-def _status_text(status: int) -> str:
-    """`HTTP 404 Not Found`: the standard phrase, never the one the server sent."""
+def _opened(exchange: Exchange, url: httpx.URL, authorization: str | None, headers: dict[str, str]) -> Answer:
+    """`exchange.open`, in a worker thread the caller may abandon: the connection is closed
+    unless the answer is handed over."""
     try:
-        return f"HTTP {status} {http.HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"HTTP {status}"
+        answer = exchange.open(url, authorization, headers)
+        if exchange.aborted:
+            raise _Dropped("aborted")
+    except BaseException:
+        exchange.close()
+        raise
+    return answer
 
 
-_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+\-]{1,64}/[a-z0-9!#$&^_.+\-]{1,64}")
+def _write_body(exchange: Exchange, part: Path, digest: files.PartDigest | None, rules: BodyRules,
+                answer: Answer) -> None:
+    """Open the `.part` at `rules.offset`, write the body to it (`Exchange.receive`) and close it.
 
-
-def _described(response: httpx.Response) -> str:
-    """`HTTP 200, text/html`: the status and the media type of a response, never its content."""
-    raw = response.headers.get("content-type")
-    if raw is None:
-        media = "no Content-Type"
-    else:
-        media = raw.split(";", 1)[0].strip().lower()
-        if not _MEDIA_TYPE.fullmatch(media):
-            media = "an unreadable Content-Type"
-    return f"HTTP {response.status_code}, {media}"
-
-
-def _translate(exc: httpx.HTTPError) -> _Dropped | _Failure:
-    """An httpx error as a retry (a dropped or stalled connection) or a failure (TLS...).
-
-    The text never quotes what the server sent: a protocol error is named by the
-    parser's complaint only (h11 appends the offending bytes after a colon).
+    In a worker thread nobody abandons: the file is closed when this returns.
     """
-    tls = _tls_cause(exc)
-    if tls is not None:
-        return _Failure(f"TLS error: {tls}")
-    name = type(exc).__name__
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError)):
-        complaint = str(exc).split(":", 1)[0].strip()[:200]
-        return _Dropped(f"{name}: {complaint}" if complaint else name)
-    if isinstance(exc, (httpx.TimeoutException, httpx.NetworkError)):
-        return _Dropped(f"{name}: {exc}" if str(exc) else name)
-    return _Failure(f"{name}: {redact_text(str(exc))}" if str(exc) else name)
-
-
-def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _write_failure(part: Path, exc: OSError) -> _Failure:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return _Failure(f"disk full while writing {part}: {exc.strerror}")
-    return _Failure(f"cannot write {part}: {exc.strerror or exc}")
-
-
-def _amount(size: int) -> str:
-    """A byte count for people: `512 bytes`, `256 KiB`, `1.5 GiB`."""
-    if size < 1024:
-        return f"{size} bytes"
-    value, unit = size / 1024, "KiB"
-    for bigger in ("MiB", "GiB", "TiB", "PiB", "EiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+    try:
+        writer = files.PartFile(part, rules.offset, digest)
+    except OSError as exc:
+        exchange.close()
+        raise _write_failure(part, exc) from exc
+    try:
+        exchange.receive(writer, rules, answer)
+    finally:
+        try:
+            writer.close()
+        except OSError as exc:
+            log.warning("closing %s: %s", part, exc)
 
 
 class Downloads:

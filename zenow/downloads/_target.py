@@ -5,6 +5,7 @@ Trio-free: these functions only look at strings.
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,13 @@ class DownloadTarget:
         return httpx.URL(self.url).copy_with(userinfo=b"")
 
     @property
-    def auth(self) -> httpx.BasicAuth | None:
-        """HTTP Basic credentials from the URL's user-info, or None when it has none."""
+    def authorization(self) -> str | None:
+        """The `Authorization` header (HTTP Basic) made of the URL's user-info, or None when it has none."""
         parsed = httpx.URL(self.url)
         if not parsed.username and not parsed.password:
             return None
-        return httpx.BasicAuth(parsed.username, parsed.password)
+        credentials = f"{parsed.username}:{parsed.password}".encode()
+        return "Basic " + base64.b64encode(credentials).decode("ascii")
 
 
 def check_url(url: str) -> None:
