@@ -420,3 +420,17 @@ async def test_a_request_after_a_pause_never_lands_on_a_connection_the_server_is
         answers.append(await fake.client.post("/v1/chat/completions", json=v1))
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
     assert [m["role"] for m in await stored(fake.client, sid)] == ["user", "assistant"] * 2
+
+
+async def test_streamed_requests_to_llama_server_end_their_connection(fake, event_log):
+    # llama-server closes a connection after a streamed answer without saying so: a request sent
+    # on it next was lost.  Streamed requests ask for the close; the others keep their connection.
+    sid = await session(fake.client)
+    v1 = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
+    assert (await fake.client.post("/api/chat", json=ask(sid))).status_code == 200
+    assert (await fake.client.post("/v1/chat/completions", json={**v1, "stream": True})).status_code == 200
+    assert (await fake.client.post("/v1/chat/completions", json=v1)).status_code == 200
+    completions = [e for e in events(event_log, "request") if e["path"] == "/v1/chat/completions"]
+    assert [(e["body"].get("stream", False), e["connection"]) for e in completions] == [
+        (True, "close"), (True, "close"), (False, "keep-alive")]
+    assert all(e["connection"] != "close" for e in events(event_log, "request") if e["path"] == "/tokenize")

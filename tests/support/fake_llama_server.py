@@ -69,7 +69,7 @@ share one file).  Events:
 - ``listening`` {host}; ``ready``; ``shutdown`` {reason: "SIGTERM"|"SIGINT"};
   ``start_failed`` {code, reason}; ``crash`` {reason: "crash_after"|"mid_stream",
   tokens_sent?};
-- ``request`` {method, path, body}: every request, before any other handling
+- ``request`` {method, path, body, connection}: every request, before any other handling
   (503 while loading included); body is the parsed JSON or null;
 - ``token_sent`` {n}: streamed token number n (1-based) was written;
 - ``client_disconnected`` {tokens_sent, stream, how}: the client went away
@@ -571,7 +571,7 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError as e:
                 parse_error = e
-        fields = {"method": self.command, "path": path, "body": body}
+        fields = {"method": self.command, "path": path, "body": body, "connection": self.headers.get("Connection")}
         if parse_error is not None:
             fields["raw"] = raw[:2000].decode("utf-8", "replace")
         st.events.emit("request", **fields)

@@ -50,7 +50,7 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import ServerHandle, ServerStatus, upstream_client
+from ..servers import STREAM_HEADERS, ServerHandle, ServerStatus, upstream_client
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
@@ -70,8 +70,9 @@ EVENT_BUFFER = 8
 HISTORY_PAGE = 200
 #: Tokens the checks leave for special tokens a text may map to without covering a byte each.
 SPECIAL_TOKENS_MARGIN = 8
-#: The stream is asked for uncompressed, so its bytes are read raw, with no decoding layer.
-_UNCOMPRESSED = {"Accept-Encoding": "identity"}
+#: The stream is asked for uncompressed, so its bytes are read raw, with no decoding layer; its
+#: connection ends with it (see `zenow.servers.STREAM_HEADERS`).
+_STREAMED = {"Accept-Encoding": "identity", **STREAM_HEADERS}
 #: Seconds the request's messages may take to be counted and stored once generation began.
 STORE_DEADLINE = 30.0
 
@@ -435,7 +436,7 @@ class ChatStreamerActor(Actor):
         }
         try:
             async with self._http.stream("POST", f"{server.endpoint}/v1/chat/completions", json=payload,
-                                         headers={**server.auth_headers(), **_UNCOMPRESSED}) as response:
+                                         headers={**server.auth_headers(), **_STREAMED}) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")

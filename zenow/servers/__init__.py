@@ -12,6 +12,7 @@ from ._actor import ServerStatus as ServerStatus
 from ._binary import LLAMA_CPP_PYTHON_VERSION as LLAMA_CPP_PYTHON_VERSION
 from ._binary import find_llama_server as find_llama_server
 from ._binary import find_rpc_server as find_rpc_server
+from ._client import STREAM_HEADERS as STREAM_HEADERS
 from ._client import upstream_client as upstream_client
 from ._gate import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT
 from ._gate import Lease as Lease

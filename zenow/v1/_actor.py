@@ -23,7 +23,7 @@ import trio
 from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
-from ..servers import upstream_client
+from ..servers import STREAM_HEADERS, upstream_client
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -144,7 +144,8 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
             started.send_nowait(outcome.Error(UpstreamError(message, code="upstream_error")))
 
     try:
-        async with http.stream("POST", call.url, json=call.payload, headers=call.headers) as response:
+        headers = {**call.headers, **STREAM_HEADERS}  # llama-server ends the connection with the stream
+        async with http.stream("POST", call.url, json=call.payload, headers=headers) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 started.send_nowait(outcome.Error(upstream_failure(response.status_code, body, "messages")))
