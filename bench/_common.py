@@ -313,7 +313,9 @@ async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, A
     first = 0.0
     deltas = 0
     tokens = 0
-    async with client.stream("POST", url, json=payload) as response:
+    # llama-server closes the connection after a streamed answer without saying so: a request sent on it
+    # next is lost.  Both sides get a new connection for each stream.
+    async with client.stream("POST", url, json=payload, headers={"Connection": "close"}) as response:
         if response.status_code != 200:
             raise SystemExit(f"{url} answered {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
