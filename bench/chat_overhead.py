@@ -7,7 +7,10 @@ question, temperature 0, fixed seed, N tokens) alternately: straight to that lla
 `/v1/chat/completions`.  Reports time to first token, total time, tokens/s, zenow's CPU seconds
 per 1,000 tokens, and what zenow adds (paired differences within a round: medians and p90).
 
-    python bench/chat_overhead.py [--rounds 10] [--tokens 128] [--quick] [--zenow-path DIR]
+    python bench/chat_overhead.py [--rounds 10] [--tokens 128] [--quick] [--zenow-path DIR] [--threads N]
+
+`--threads 1` leaves one of two cores to zenow and the client: what zenow adds when its CPU is not
+taken from llama-server's own threads.
 
 Targets (issue 11): at most 3 ms added to the time to first token, at most 2 % to the total.
 """
@@ -52,9 +55,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 async with client(zenow.url) as http:
                     await wait_llm_running(http)
-                    baseline = await start_llama_server(nursery, same_flags_other_port(await llm_child_argv(zenow)))
+                    if args.threads:  # both llama-servers get the same -t (zenow's child restarts)
+                        await http.post("/api/models/update_param", json={"threads": args.threads})
+                        await wait_llm_running(http)
+                    argv = await llm_child_argv(zenow)
+                    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
                     try:
-                        return await measure(args, http, zenow.pid, baseline.url)
+                        results = await measure(args, http, zenow.pid, baseline.url)
+                        results["llama_server_threads"] = int(argv[argv.index("-t") + 1])
+                        return results
                     finally:
                         await baseline.stop()
             finally:
@@ -118,7 +127,7 @@ def render(results: dict[str, Any]) -> str:
             fmt(median(r["tokens_per_s"]), 1), fmt(r["zenow_cpu_s_per_1000_tokens"], 3) if zen else "",
         ])
     head = (f"Chat overhead: {results['rounds']} alternating rounds, {results['tokens']} tokens, "
-            "SmolLM2-135M, temperature 0\n\n")
+            f"SmolLM2-135M, temperature 0, llama-server -t {results.get('llama_server_threads', '?')}\n\n")
     return head + table(["path", "first token p50 ms", "p90", "added p50 ms", "added p90 ms", "total p50 ms",
                          "added total p50", "p90", "tokens/s p50", "zenow CPU s / 1k tokens"], rows)
 
@@ -128,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
+    parser.add_argument("--threads", type=int, default=0, help="llama-server's -t (default: zenow's own default)")
     parser.add_argument("--no-v1", action="store_true", help="leave /v1/chat/completions out")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="chat_overhead", help="the results file's name")
