@@ -433,10 +433,15 @@ def memory(monkeypatch):
     return available
 
 
-async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_model_kept(
-        nursery, fake_settings, home, memory):
+def huge_model(home):
+    """An llm whose KV cache is 16 GiB at its trained 131,072 tokens: 32 layers x 8 kv heads x (128 + 128) x 2 bytes."""
     gguf(home / "models" / "llm", "huge", context_length=131072, block_count=32, embedding_length=4096,
          head_count=32, head_count_kv=8)
+
+
+async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_model_kept(
+        nursery, fake_settings, home, memory):
+    huge_model(home)
     async with start_zenow(nursery, fake_settings) as zenow:
         client = zenow.client
         await load(client, "alpha")
@@ -465,8 +470,7 @@ async def test_a_load_that_would_not_fit_in_memory_is_refused_and_the_running_mo
 
 async def test_more_parallel_slots_than_memory_holds_are_refused_before_the_restart(
         nursery, fake_settings, home, memory):
-    gguf(home / "models" / "llm", "huge", context_length=131072, block_count=32, embedding_length=4096,
-         head_count=32, head_count_kv=8)
+    huge_model(home)
     async with start_zenow(nursery, fake_settings) as zenow:
         client = zenow.client
         memory["bytes"] = 24 * 2**30  # one slot's 16 GiB KV cache fits, two do not
