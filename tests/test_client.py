@@ -207,9 +207,15 @@ async def test_pull_interrupted_keeps_a_part_and_a_second_pull_resumes_it(zenow,
 
         await wait_for(held, timeout=30, what="the download to reach the hold")
         process.send_signal(signal.SIGINT)
-        with trio.fail_after(30):
+        with trio.move_on_after(30):
             code = await process.wait()
         assert process.stderr is not None
+        if process.returncode is None:  # say where it hung: what the client printed, what zenow holds
+            process.kill()
+            status = await zenow.client.get("/api/models/download/status", params={"url": url})
+            stderr = (await process.stderr.receive_some(65536)).decode(errors="replace")
+            pytest.fail(f"zenow pull did not end 30 s after Ctrl-C; its stderr: {stderr!r}; "
+                        f"the download: {status.text}")
         stderr = (await process.stderr.receive_some(65536)).decode()
     finally:
         if process.returncode is None:
