@@ -192,6 +192,10 @@ async def test_a_failed_pull_is_one_line_and_exit_code_1(zenow, files):
     assert line.startswith(f"zenow: download of {url} failed: HTTP 404 Not Found")
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_pull_interrupted_keeps_a_part_and_a_second_pull_resumes_it(zenow, files):
     data = gguf(1024 * 1024)
     served = files.add("/big.gguf", data, holds=[256 * 1024])
@@ -199,7 +203,10 @@ async def test_pull_interrupted_keeps_a_part_and_a_second_pull_resumes_it(zenow,
     part = zenow.settings.mode_dir("llm") / "big.gguf.part"
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "zenow", "pull", url, "--url", zenow.url],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=client_env())
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=client_env(),
+        # as a terminal starts it: a test run in the background of a non-interactive shell inherits SIGINT
+        # ignored, and Python then keeps it ignored (Ctrl-C would do nothing)
+        preexec_fn=_interruptible)
     try:
         async def held() -> bool:
             status = (await zenow.client.get("/api/models/download/status", params={"url": url})).json()
