@@ -74,7 +74,7 @@ from ..servers import model_details, read_gguf_info
 from ..settings import Settings, is_mode
 from ..store import DownloadRecord, ModelDetails, Store
 from . import _files as files
-from ._exchange import Answer, BodyRules, Exchange, ExchangeLimits
+from ._exchange import Answer, BodyRules, Exchange
 from ._exchange import Dropped as _Dropped
 from ._exchange import Failure as _Failure
 from ._exchange import accepted_range as _accepted_range
@@ -257,11 +257,6 @@ class DownloadActor(Actor):
         self._store = store
         self._policy = policy or DownloadPolicy()
         self._downloads: dict[str, _Download] = {}
-        p = self._policy
-        self._limits = ExchangeLimits(
-            connect_timeout=p.connect_timeout, read_timeout=p.read_timeout, max_redirects=p.max_redirects,
-            read_bytes=p.read_bytes, flush_bytes=p.flush_bytes, flush_interval=p.flush_interval,
-            write_back_bytes=p.write_back_bytes)
         self._threads = trio.CapacityLimiter(_TRANSFER_THREADS)
 
     # ------------------------------------------------------------ lifecycle
@@ -566,7 +561,7 @@ class DownloadActor(Actor):
             offset = 0  # a .part that cannot begin a GGUF file is not worth resuming
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         target = download.target
-        exchange = Exchange(self._limits, f"zenow/{__version__}")
+        exchange = Exchange(self._policy, f"zenow/{__version__}")
         try:
             # nothing is written while the answer is awaited: a cancel may leave the thread behind
             # (it closes its connection itself), so a connect that hangs never holds the cancel up

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import httpx
 
@@ -83,17 +83,23 @@ class Dropped(Exception):
         self.start_over = start_over
 
 
-@dataclass(frozen=True, slots=True)
-class ExchangeLimits:
-    """Timeouts (seconds) and sizes (bytes) of one attempt; see `DownloadPolicy`."""
+class ExchangeLimits(Protocol):
+    """Timeouts (seconds) and sizes (bytes) of one attempt: what an exchange reads of `DownloadPolicy`."""
 
-    connect_timeout: float
-    read_timeout: float
-    max_redirects: int
-    read_bytes: int
-    flush_bytes: int
-    flush_interval: float
-    write_back_bytes: int
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def read_timeout(self) -> float: ...
+    @property
+    def max_redirects(self) -> int: ...
+    @property
+    def read_bytes(self) -> int: ...
+    @property
+    def flush_bytes(self) -> int: ...
+    @property
+    def flush_interval(self) -> float: ...
+    @property
+    def write_back_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
