@@ -10,8 +10,6 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import h11
 import httpx
@@ -23,6 +21,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 import zenow.events
 import zenow.routes.events
 import zenow.service
+from tests.support.events import subscribed
 from tests.support.file_server import EMPTY_GGUF_HEADER, FileServer
 from tests.support.harness import add_message, create_session, make_settings, start_zenow, wait_for
 from zenow.errors import InvalidRequest
@@ -249,46 +248,6 @@ async def test_a_waiting_receiver_wakes_for_the_next_event_and_can_be_cancelled(
 
 
 # ---------------------------------------------------------------- over HTTP
-
-
-class EventReader:
-    """The events (and ping comments) of one SSE response, read as they come."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._lines = response.aiter_lines()
-        self.comments: list[str] = []
-
-    async def next(self, timeout: float = 10) -> dict:
-        data: list[str] = []
-        with trio.fail_after(timeout):
-            async for line in self._lines:
-                if line.startswith(":"):
-                    self.comments.append(line)
-                elif line.startswith("data: "):
-                    data.append(line[6:])
-                elif not line and data:
-                    return json.loads("\n".join(data))
-        raise EOFError("the event stream ended")
-
-    async def rest(self, timeout: float = 10) -> list[dict]:
-        events = []
-        with trio.fail_after(timeout):
-            while True:
-                try:
-                    events.append(await self.next(timeout))
-                except EOFError:
-                    return events
-
-
-@asynccontextmanager
-async def subscribed(client: httpx.AsyncClient, **params: str) -> AsyncIterator[tuple[EventReader, dict]]:
-    """An SSE subscription and its snapshot (it is subscribed once the snapshot arrived)."""
-    async with client.stream("GET", "/api/events", params=params) as response:
-        assert response.status_code == 200, (await response.aread()).decode()
-        assert response.headers["content-type"] == "text/event-stream"
-        assert response.headers["cache-control"] == "no-cache"
-        reader = EventReader(response)
-        yield reader, await reader.next()
 
 
 def ws_url(zenow, query: str = "") -> str:

@@ -7,12 +7,12 @@ import os
 import random
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import trio
 
+from tests.support.events import subscribed
 from tests.support.file_server import FileServer
 from tests.support.harness import make_settings, spawn_zenow, start_zenow, status, wait_for, wait_status
 from tests.support.llama import FAKE_LLAMA_SERVER, alive, cmdline, context_per_slot, llama_children
@@ -348,13 +348,10 @@ async def test_a_crash_during_a_long_download_is_reported_and_restarted_within_a
         await download.start(background)
 
         # the status events say when zenow saw each state: polling can miss the short `error`
-        async with zenow.client.stream("GET", "/api/events", params={"types": "status"}) as stream:
-            states = _sse_data(stream)
-            assert (await anext(states))["type"] == "snapshot"  # subscribed from here on
+        async with subscribed(zenow.client, types="status") as (states, _):
             (crash,) = await wait_for(lambda: _async(fake_events(events, "crash")), timeout=10, what="the crash")
-            with trio.fail_after(10):
-                error = await anext(e async for e in states if e["mode"] == "llm" and e["status"] != "running")
-                running = await anext(e async for e in states if e["mode"] == "llm" and e["status"] == "running")
+            error = await states.first(lambda e: e["mode"] == "llm" and e["status"] != "running")
+            running = await states.first(lambda e: e["mode"] == "llm" and e["status"] == "running")
         assert error["status"] == "error" and error["ts"] - crash["time"] < 1.0
         assert error["model_name"] == "alpha" and "GGML_ASSERT" in error["error_message"]
         assert running["ts"] - crash["time"] < 1.0
@@ -378,17 +375,6 @@ async def test_parameters_are_updated_during_a_long_download(nursery, fake_setti
         assert after != before and cmdline(after)[cmdline(after).index("-b") + 1] == "256"
         assert (await status(zenow.client))["status"] == "running"
         await download.finish()
-
-
-async def _sse_data(response: httpx.Response) -> AsyncIterator[dict]:
-    """The JSON objects of an SSE response, as they come."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line.startswith("data: "):
-            data.append(line[6:])
-        elif not line and data:
-            yield json.loads("\n".join(data))
-            data = []
 
 
 async def _async(value):
