@@ -269,6 +269,26 @@ def smollm2() -> str:
     raise SystemExit("SmolLM2 not found: set ZENOW_TEST_SMOLLM2 or run `make run` once")
 
 
+#: A random-weight llama (tests/support/tiny_models.py) of 205M float32 parameters, 824 MB: it generates at
+#: 23-27 ms a token with `-t 2` on a 2-core machine, about as fast as a 0.5-1B quantized model does there
+#: (SmolLM2-135M: 8-9 ms).  Its text is noise, but it never ends before `max_tokens`.
+SYNTHETIC_LLAMA = {"n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_layer": 16}
+
+
+def llm_model(choice: str | None, folder: Path) -> str:
+    """The llm model a benchmark runs: SmolLM2 (`choice` None), the GGUF file `choice`, or for
+    "synthetic" the `SYNTHETIC_LLAMA` model, written into `folder`."""
+    if choice is None:
+        return smollm2()
+    if choice == "synthetic":
+        sys.path.insert(0, str(REPO))
+        from tests.support.tiny_models import write_tiny_llama
+        return str(write_tiny_llama(folder / "synthetic-llama-205m.gguf", **SYNTHETIC_LLAMA))
+    if not Path(choice).is_file():
+        raise SystemExit(f"--model: no such file: {choice}")
+    return choice
+
+
 async def llm_child_argv(zenow: Child) -> list[str]:
     """The command line of zenow's llm llama-server, once it runs (so a baseline gets the same flags)."""
     with trio.fail_after(120):

@@ -8,9 +8,12 @@ question, temperature 0, fixed seed, N tokens) alternately: straight to that lla
 per 1,000 tokens, and what zenow adds (paired differences within a round: medians and p90).
 
     python bench/chat_overhead.py [--rounds 10] [--tokens 128] [--quick] [--zenow-path DIR] [--threads N]
+        [--model GGUF|synthetic]
 
 `--threads 1` leaves one of two cores to zenow and the client: what zenow adds when its CPU is not
-taken from llama-server's own threads.
+taken from llama-server's own threads.  `--model synthetic` runs a random-weight llama that generates
+about three times slower than SmolLM2, as a 0.5-1B model does on a small CPU (`_common.SYNTHETIC_LLAMA`):
+zenow's CPU per token then weighs a third as much against the time per token.
 
 Targets (issue 11): at most 3 ms added to the time to first token, at most 2 % to the total.
 """
@@ -29,11 +32,11 @@ from _common import (
     fmt,
     llama_server_binary,
     llm_child_argv,
+    llm_model,
     median,
     p90,
     run_and_record,
     same_flags_other_port,
-    smollm2,
     start_llama_server,
     start_zenow,
     table,
@@ -49,7 +52,8 @@ QUESTION = "Write a short story about a lighthouse keeper who finds a message in
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         async with trio.open_nursery() as nursery:
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", smollm2(),
+            model = llm_model(args.model, Path(home))
+            zenow = await start_zenow(nursery, Path(home), "--default-llm", model,
                                       env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
                                       python_path=args.zenow_path)
             try:
@@ -63,6 +67,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         results = await measure(args, http, zenow.pid, baseline.url)
                         results["llama_server_threads"] = int(argv[argv.index("-t") + 1])
+                        results["model"] = Path(model).name
                         return results
                     finally:
                         await baseline.stop()
@@ -127,7 +132,8 @@ def render(results: dict[str, Any]) -> str:
             fmt(median(r["tokens_per_s"]), 1), fmt(r["zenow_cpu_s_per_1000_tokens"], 3) if zen else "",
         ])
     head = (f"Chat overhead: {results['rounds']} alternating rounds, {results['tokens']} tokens, "
-            f"SmolLM2-135M, temperature 0, llama-server -t {results.get('llama_server_threads', '?')}\n\n")
+            f"{results.get('model', 'SmolLM2-135M')}, temperature 0, "
+            f"llama-server -t {results.get('llama_server_threads', '?')}\n\n")
     return head + table(["path", "first token p50 ms", "p90", "added p50 ms", "added p90 ms", "total p50 ms",
                          "added total p50", "p90", "tokens/s p50", "zenow CPU s / 1k tokens"], rows)
 
@@ -138,6 +144,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
     parser.add_argument("--threads", type=int, default=0, help="llama-server's -t (default: zenow's own default)")
+    parser.add_argument("--model", default=None,
+                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
     parser.add_argument("--no-v1", action="store_true", help="leave /v1/chat/completions out")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="chat_overhead", help="the results file's name")

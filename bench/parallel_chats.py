@@ -8,6 +8,9 @@ alternates).  Reports total tokens/s and the worst time to first token, with zen
 llama-server's own figures.
 
     python bench/parallel_chats.py [--counts 1,2,4,8] [--rounds 3] [--tokens 64] [--quick] [--zenow-path DIR]
+        [--model GGUF|synthetic]
+
+`--model synthetic`: a random-weight llama about three times slower than SmolLM2 (see chat_overhead).
 
 Targets (issue 11): at least 95 % of llama-server's total tokens/s at every N, worst first token at
 most 1.2x llama-server's.
@@ -27,11 +30,11 @@ from _common import (
     fmt,
     llama_server_binary,
     llm_child_argv,
+    llm_model,
     median,
     p90,
     run_and_record,
     same_flags_other_port,
-    smollm2,
     start_llama_server,
     start_zenow,
     table,
@@ -48,7 +51,8 @@ TOPICS = ["a lighthouse", "a mountain village", "a robot gardener", "a lost cat"
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         async with trio.open_nursery() as nursery:
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", smollm2(),
+            model = llm_model(args.model, Path(home))
+            zenow = await start_zenow(nursery, Path(home), "--default-llm", model,
                                       env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
                                       python_path=args.zenow_path)
             try:
@@ -60,6 +64,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         results = await measure(args, http, baseline.url)
                         results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
+                        results["model"] = Path(model).name
                         return results
                     finally:
                         await baseline.stop()
@@ -124,7 +129,8 @@ def render(results: dict[str, Any]) -> str:
             fmt(median([s["worst_first_ms"] for s in base]), 0), fmt(median([s["worst_first_ms"] for s in zen]), 0),
             fmt(median(r["first_ratio"]), 2) + "x", fmt(p90(r["first_ratio"]), 2) + "x",
         ])
-    head = (f"Parallel chats: {results['rounds']} alternating rounds, {results['tokens']} tokens each, SmolLM2-135M, "
+    head = (f"Parallel chats: {results['rounds']} alternating rounds, {results['tokens']} tokens each, "
+            f"{results.get('model', 'SmolLM2-135M')}, "
             f"llama-server {results.get('llama_server_flags', '')}\n\n")
     return head + table(["chats at once", "llama-server tokens/s", "zenow tokens/s", "zenow share p50", "worst round",
                          "llama-server worst first token ms", "zenow worst first token ms", "ratio p50",
@@ -137,6 +143,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="N = 1 and 4, one round of 32 tokens")
+    parser.add_argument("--model", default=None,
+                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="parallel_chats")
     parser.add_argument("--timeout", type=float, default=900)
