@@ -9,6 +9,10 @@ turn to turn, so llama-server reuses its cached tokens and computes only the new
 (old messages dropped) it computes the whole history once.
 
     python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
+        [--model GGUF|synthetic]
+
+`--model synthetic`: a random-weight llama about three times slower than SmolLM2 (see chat_overhead); its
+byte-level tokenizer makes every text about four times as many tokens.
 
 Target (issue 11): turn N of the long session within 1.5x the first-token time of a short one.
 """
@@ -26,10 +30,10 @@ from _common import (
     client,
     fmt,
     llama_server_binary,
+    llm_model,
     median,
     p90,
     run_and_record,
-    smollm2,
     start_zenow,
     table,
     timed_stream,
@@ -45,7 +49,8 @@ FILLER = ("In the valley the river turned twice before the old mill, where the m
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         async with trio.open_nursery() as nursery:
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", smollm2(),
+            model = llm_model(args.model, Path(home))
+            zenow = await start_zenow(nursery, Path(home), "--default-llm", model,
                                       env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
                                       python_path=args.zenow_path)
             try:
@@ -64,6 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         tail = computed[-len(order):] if len(computed) >= len(order) else []
         results["long_computed_prompt_tokens"] = [c for c, k in zip(tail, order, strict=False) if k == "long"]
         results["fresh_computed_prompt_tokens"] = [c for c, k in zip(tail, order, strict=False) if k == "fresh"]
+        results["model"] = Path(model).name
         return results
 
 
@@ -113,7 +119,7 @@ def render(results: dict[str, Any]) -> str:
     over = sum(r > 1.5 for r in ratio)
     head = (f"Long conversations: context {results['context_size']} per conversation (history budget "
             f"{results['context_size'] // 2}), a session holding {results['stored_tokens']} tokens, "
-            f"{results['turns']} turns of {results['tokens']} tokens, SmolLM2-135M, "
+            f"{results['turns']} turns of {results['tokens']} tokens, {results.get('model', 'SmolLM2-135M')}, "
             f"flash_attn {results.get('flash_attn', 'auto')}\n\n")
     return head + table(["turn", "fresh session first token ms", "long session first token ms", "ratio",
                          "fresh: prompt tokens computed", "long: prompt tokens computed"], rows) + (
@@ -128,6 +134,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 turns")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the llm's flash_attn parameter (auto: llama-server's choice, on for the CPU)")
+    parser.add_argument("--model", default=None,
+                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="long_conversations")
     parser.add_argument("--timeout", type=float, default=900)
