@@ -270,7 +270,7 @@ def smollm2() -> str:
 
 
 #: A random-weight llama (tests/support/tiny_models.py) of 205M float32 parameters, 824 MB: it generates at
-#: 23-27 ms a token with `-t 2` on a 2-core machine, about as fast as a 0.5-1B quantized model does there
+#: 23-29 ms a token with `-t 2` on a 2-core machine, about as fast as a 0.5-1B quantized model does there
 #: (SmolLM2-135M: 8-9 ms).  Its text is noise, but it never ends before `max_tokens`.
 SYNTHETIC_LLAMA = {"n_embd": 1024, "n_ff": 2816, "n_head": 16, "n_layer": 16}
 
