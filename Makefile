@@ -12,7 +12,7 @@ MINILM := $(VENV)/.minilm
 HOST ?= 127.0.0.1
 PORT ?= 8050
 
-.PHONY: run test test-fast check bench bench-quick install llama-server embed-model chromium clean
+.PHONY: run test test-fast check bench bench-quick install llama-server embed-model chromium socat clean
 
 run: install llama-server $(SMOLLM2)
 	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
@@ -56,15 +56,15 @@ $(MINILM): $(INSTALLED) zenow/convert/_bert.py
 
 # Benchmarks (not tests): each compares zenow with a baseline measured in the same run and
 # writes bench/results/NAME.json; bench/RESULTS.md holds the tables of a full run.
-BENCHES := chat_overhead parallel_chats stream_fanin long_conversations downloads store_scale footprint
-bench: install llama-server $(SMOLLM2)
+BENCHES := chat_overhead parallel_chats stream_fanin long_conversations downloads store_scale footprint proxy_floor
+bench: install llama-server socat $(SMOLLM2)
 	for b in $(BENCHES); do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) bench/$$b.py || exit 1; done
 	# the chat benchmarks again with a model as slow as a 0.5-1B one (random weights, written by the benchmark)
 	for b in chat_overhead parallel_chats; do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
 	  $(PY) bench/$$b.py --model synthetic --name $${b}_synthetic || exit 1; done
 
-bench-quick: install llama-server $(SMOLLM2)
+bench-quick: install llama-server socat $(SMOLLM2)
 	for b in $(BENCHES); do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
 	  $(PY) bench/$$b.py --quick || exit 1; done
 
@@ -77,10 +77,17 @@ llama-server:
 
 # The page's browser tests drive Debian's Chromium (Playwright with the system browser).
 chromium:
-	@test -x /usr/bin/chromium || { \
+	@$(call apt_install,chromium,chromium chromium-driver)
+
+# The benchmarks' native relay (chat_overhead, proxy_floor): what any proxy costs, measured beside zenow.
+socat:
+	@$(call apt_install,socat,socat)
+
+# $(call apt_install,COMMAND,PACKAGES): Debian's PACKAGES (as root, else through sudo) unless /usr/bin/COMMAND is there.
+apt_install = test -x /usr/bin/$(1) || { \
 	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(2); }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -107,11 +108,26 @@ def write_results(name: str, results: dict[str, Any], text: str) -> Path:
 # ---------------------------------------------------------------- /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` itself (not its children)."""
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU time of `pid` itself, plus (when asked) that of its children it has waited for."""
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def on_cpu_seconds(pid: int) -> float:
+    """Time `pid`'s threads have spent on a CPU, to the nanosecond (the scheduler's own count,
+    /proc/PID/task/TID/schedstat), not in clock ticks as `cpu_seconds`."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that has just ended
+    return total / 1e9
 
 
 def rss_mib(pid: int) -> float:
@@ -247,6 +263,27 @@ async def start_llama_server(nursery: trio.Nursery, argv: list[str], env: dict[s
                 await trio.sleep(0.05)
     await child.stop()
     raise SystemExit("llama-server did not become ready:\n" + "\n".join(child.log[-20:]))
+
+
+async def start_relay(nursery: trio.Nursery, target: str) -> Child:
+    """The cheapest proxy there is: socat relaying bytes to `target` (http://127.0.0.1:PORT), one forked
+    relay per connection, no HTTP parsing.  What any proxy in front of llama-server costs on this machine."""
+    binary = shutil.which("socat")
+    if binary is None:
+        raise SystemExit("socat is not installed (make bench installs it; or apt-get install socat)")
+    port = free_port()
+    child = await _spawn(nursery, [binary, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                                   f"TCP:{target.removeprefix('http://')}"], None, None, 0)
+    child.url = f"http://127.0.0.1:{port}"
+    with trio.move_on_after(10):
+        while child.process.returncode is None:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                return child
+            except OSError:
+                await trio.sleep(0.02)
+    await child.stop()
+    raise SystemExit("socat did not start:\n" + "\n".join(child.log[-20:]))
 
 
 def llama_server_binary() -> str:

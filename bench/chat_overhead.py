@@ -3,12 +3,13 @@
 Starts `zenow serve` with SmolLM2 as its llm model, then a second llama-server with exactly the
 flags zenow gave its own (read from /proc), and sends the same request (system prompt + one
 question, temperature 0, fixed seed, N tokens) alternately: straight to that llama-server, through
-`/api/chat` (a fresh session each time, so the prompt is the same) and through
-`/v1/chat/completions`.  Reports time to first token, total time, tokens/s, zenow's CPU seconds
-per 1,000 tokens, and what zenow adds (paired differences within a round: medians and p90).
+`socat` relaying bytes to it (what a proxy with no work of its own adds; `--no-relay` leaves it out),
+through `/api/chat` (a fresh session each time, so the prompt is the same) and through
+`/v1/chat/completions`.  Reports time to first token, total time, tokens/s, the CPU seconds per 1,000
+tokens of zenow (or socat), and what each adds (paired differences within a round: medians and p90).
 
     python bench/chat_overhead.py [--rounds 10] [--tokens 128] [--quick] [--zenow-path DIR] [--threads N]
-        [--model GGUF|synthetic]
+        [--model GGUF|synthetic] [--no-relay]
 
 `--threads 1` leaves one of two cores to zenow and the client: what zenow adds when its CPU is not
 taken from llama-server's own threads.  `--model synthetic` runs a random-weight llama that generates
@@ -27,6 +28,7 @@ from typing import Any
 
 import trio
 from _common import (
+    Child,
     client,
     cpu_seconds,
     fmt,
@@ -38,6 +40,7 @@ from _common import (
     run_and_record,
     same_flags_other_port,
     start_llama_server,
+    start_relay,
     start_zenow,
     table,
     timed_stream,
@@ -45,6 +48,7 @@ from _common import (
     zenow_env,
 )
 
+RELAY = "llama-server via socat"
 SYSTEM = "You are a helpful assistant."
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -64,27 +68,38 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await wait_llm_running(http)
                     argv = await llm_child_argv(zenow)
                     baseline = await start_llama_server(nursery, same_flags_other_port(argv))
+                    relay = None if args.no_relay else await start_relay(nursery, baseline.url)
                     try:
-                        results = await measure(args, http, zenow.pid, baseline.url)
+                        results = await measure(args, http, zenow.pid, baseline.url, relay)
                         results["llama_server_threads"] = int(argv[argv.index("-t") + 1])
                         results["model"] = Path(model).name
                         return results
                     finally:
+                        if relay is not None:
+                            await relay.stop()
                         await baseline.stop()
             finally:
                 await zenow.stop()
 
 
-async def measure(args: argparse.Namespace, http: Any, zenow_pid: int, llama_url: str) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, http: Any, zenow_pid: int, llama_url: str,
+                  relay: Child | None) -> dict[str, Any]:
     direct = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
               "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0,
               "repeat_penalty": 1.1, "max_tokens": args.tokens, "seed": 42}
-    paths = ["llama-server", "/api/chat"] + ([] if args.no_v1 else ["/v1/chat/completions"])
+    paths = (["llama-server"] + ([] if relay is None else [RELAY]) + ["/api/chat"]
+             + ([] if args.no_v1 else ["/v1/chat/completions"]))
     await http.post("/api/models/update_param", json={"system_prompt": SYSTEM})
 
     async def once(path: str) -> tuple[Any, float]:
         if path == "llama-server":
             return await timed_stream(http, f"{llama_url}/v1/chat/completions", direct), 0.0
+        if path == RELAY:
+            assert relay is not None
+            before = cpu_seconds(relay.pid, reaped_children=True)
+            timed = await timed_stream(http, f"{relay.url}/v1/chat/completions", direct)
+            await trio.sleep(0.05)  # socat reaps the connection's relay process
+            return timed, cpu_seconds(relay.pid, reaped_children=True) - before
         before = cpu_seconds(zenow_pid)
         if path == "/api/chat":
             sid = (await http.post("/api/sessions", json={"first_message": "bench"})).json()["session_id"]
@@ -135,7 +150,7 @@ def render(results: dict[str, Any]) -> str:
             f"{results.get('model', 'SmolLM2-135M')}, temperature 0, "
             f"llama-server -t {results.get('llama_server_threads', '?')}\n\n")
     return head + table(["path", "first token p50 ms", "p90", "added p50 ms", "added p90 ms", "total p50 ms",
-                         "added total p50", "p90", "tokens/s p50", "zenow CPU s / 1k tokens"], rows)
+                         "added total p50", "p90", "tokens/s p50", "CPU of zenow or socat s / 1k tokens"], rows)
 
 
 def main() -> None:
@@ -146,6 +161,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="llama-server's -t (default: zenow's own default)")
     parser.add_argument("--model", default=None,
                         help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
+    parser.add_argument("--no-relay", action="store_true", help="leave the socat relay out")
     parser.add_argument("--no-v1", action="store_true", help="leave /v1/chat/completions out")
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="chat_overhead", help="the results file's name")
