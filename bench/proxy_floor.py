@@ -18,7 +18,7 @@ Each round streams a short and a long answer through each proxy (alternating the
 token is the difference between the two divided by the difference in tokens, so a request's own cost (for
 socat, its fork) is left out.  Medians and p90 over the rounds.
 
-    python bench/proxy_floor.py [--rounds 10] [--gap 8.5] [--tokens 128] [--quick]
+    python bench/proxy_floor.py [--rounds 10] [--gap 8.5] [--tokens 128] [--quick] [--zenow-path DIR]
 
 `--gap 8.5` is SmolLM2-135M's time per token on these 2 cores; `--gap 28` that of `--model synthetic` (a
 0.5-1B model's speed).  No target of its own: it explains the chat overhead benchmark's.
@@ -78,7 +78,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             socat = await start_relay(nursery, upstream.url)
             relay = await start_bare(nursery, "--relay-to", upstream.url)
             bare = await start_bare(nursery, "--upstream", upstream.url)
-            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE), env=fake_env(args.gap))
+            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE), env=fake_env(args.gap),
+                                      python_path=args.zenow_path)
             try:
                 async with client(zenow.url) as http:
                     answer = await http.post("/api/models/load", json={"model_name": "fake"})
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=8.5, help="ms between the upstream's chunks")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
+    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
     parser.add_argument("--name", default="proxy_floor", help="the results file's name")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()

@@ -3,6 +3,7 @@ switch that must not cut a stream in flight."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -219,3 +220,39 @@ async def test_a_lagging_v1_reader_gets_every_waiting_event_in_one_chunk_ending_
     send.send_nowait(b'data: {"after":"done"}\n\n')  # never sent: the stream ends at DONE
     assert await frames.__anext__() == b'data: {"n":5}\n\n' + DONE
     assert [chunk async for chunk in frames] == []
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'data: {"choices":[{"delta":{"content":"a"},"index":0}]}\n\ndata: [1]\n\n', "a chunk that is not an object"),
+    (b'data: {"error":{"message":"boom"}}\n\n', "llama-server failed: boom"),
+    (b"data: " + b"x" * (1 << 20) + b"x", "a line longer than"),
+    (b'data: {"choices":[{"delta":{"content":"a"},"index":0}]}\n\n', "ended the stream without [DONE]"),
+])
+async def test_a_broken_stream_ends_with_an_error_event_then_done_whatever_came_before(nursery, body, expected):
+    """The /v1 stream reader against a server (a raw socket) that answers 200 with a stream that goes
+    wrong: what was whole is passed on, then one error event naming the fault, then DONE."""
+    from zenow.servers import upstream_client
+    from zenow.v1._actor import ChatStreamCall, _stream_chat
+
+    async def serve(stream):
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            for start in range(0, len(body), 4096):  # many reads: the endless line grows across them
+                await stream.send_all(body[start:start + 4096])
+
+    (listener,) = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    send, receive = trio.open_memory_channel(1000)
+    started_send, started = trio.open_memory_channel(1)
+    async with upstream_client(httpx.Timeout(10.0)) as http:
+        await _stream_chat(http, ChatStreamCall(f"http://127.0.0.1:{port}/v1/chat/completions", {}, "smol"),
+                           send, started_send)
+    assert started.receive_nowait().unwrap() is None
+    sent = [receive.receive_nowait() for _ in range(receive.statistics().current_buffer_used)]
+    assert sent[-1] == b"data: [DONE]\n\n"
+    error = json.loads(sent[-2][6:])["error"]
+    assert expected in error["message"] and error["code"] == "upstream_error"
+    passed = [json.loads(frame[6:]) for frame in sent[:-2]]
+    assert [c["choices"][0]["delta"]["content"] for c in passed] == (["a"] if b'"content":"a"' in body else [])
+    assert all(c["model"] == "smol" for c in passed)

@@ -386,8 +386,8 @@ LLAMA_CHUNK = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":%
 def test_the_usual_content_chunk_gets_zenows_model_name_on_its_text(content, ascii_only):
     from zenow.v1._shapes import chat_chunk, content_chunk_event, sse
 
-    data = LLAMA_CHUNK % json.dumps(content, ensure_ascii=ascii_only)
-    frame = content_chunk_event(data, json.dumps("smol"))
+    data = (LLAMA_CHUNK % json.dumps(content, ensure_ascii=ascii_only)).encode()
+    frame = content_chunk_event(data, json.dumps("smol").encode())
     assert frame is not None and frame.startswith(b"data: ") and frame.endswith(b"\n\n")
     assert json.loads(frame[6:]) == json.loads(sse(chat_chunk(json.loads(data), "smol"))[6:])
     assert json.loads(frame[6:])["model"] == "smol"
@@ -405,4 +405,4 @@ def test_the_usual_content_chunk_gets_zenows_model_name_on_its_text(content, asc
 def test_any_other_chunk_is_left_to_be_decoded(data):
     from zenow.v1._shapes import content_chunk_event
 
-    assert content_chunk_event(data, json.dumps("smol")) is None
+    assert content_chunk_event(data.encode(), json.dumps("smol").encode()) is None

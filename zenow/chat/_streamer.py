@@ -70,9 +70,6 @@ EVENT_BUFFER = 8
 HISTORY_PAGE = 200
 #: Tokens the checks leave for special tokens a text may map to without covering a byte each.
 SPECIAL_TOKENS_MARGIN = 8
-#: The stream is asked for uncompressed, so its bytes are read raw, with no decoding layer; its
-#: connection ends with it (see `zenow.servers.STREAM_HEADERS`).
-_STREAMED = {"Accept-Encoding": "identity", **STREAM_HEADERS}
 #: Seconds the request's messages may take to be counted and stored once generation began.
 STORE_DEADLINE = 30.0
 
@@ -436,11 +433,11 @@ class ChatStreamerActor(Actor):
         }
         try:
             async with self._http.stream("POST", f"{server.endpoint}/v1/chat/completions", json=payload,
-                                         headers={**server.auth_headers(), **_STREAMED}) as response:
+                                         headers={**server.auth_headers(), **STREAM_HEADERS}) as response:
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
-                async for data in response.aiter_raw():  # uncompressed: no decoder between the socket and us
+                async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
                     frames, literal = reader.feed(data)
                     if frames:
                         generating.set()

@@ -16,10 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_LINE", "MalformedStream", "ReplyReader", "UpstreamFailed", "decode_literal", "delta_frame"]
+from ..event_stream import DataLines, MalformedStream
 
-#: The longest line llama-server may send (its last chunk, with usage and timings, is < 1 KiB).
-MAX_LINE = 1 << 20
+__all__ = ["MalformedStream", "ReplyReader", "UpstreamFailed", "decode_literal", "delta_frame"]
 
 _STRING = rb'"(?:[^"\\]|\\.)*"'
 #: A content delta and nothing else: llama-server's usual chunk, keys in the order it writes them.
@@ -34,10 +33,6 @@ _FRAME_END = b"}}]}\n\n"
 
 class UpstreamFailed(Exception):
     """llama-server reported an error inside the stream."""
-
-
-class MalformedStream(Exception):
-    """llama-server sent something that is not a chat completion stream."""
 
 
 def delta_frame(literal: bytes) -> bytes:
@@ -58,7 +53,7 @@ def decode_literal(escaped: bytes) -> str:
 class ReplyReader:
     """Feed it the stream's bytes as they come; it returns the deltas each piece completes.
 
-    It keeps at most one incomplete line (up to `MAX_LINE` bytes, else `MalformedStream`).
+    It keeps at most one incomplete line (`DataLines`).
     """
 
     #: Set once `data: [DONE]` was read (anything after it is ignored).
@@ -67,7 +62,7 @@ class ReplyReader:
     usage: dict[str, Any] | None = None
     #: How many deltas with content were read.
     deltas: int = 0
-    _pending: bytes = field(default=b"", repr=False)
+    _lines: DataLines = field(default_factory=DataLines, repr=False)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes]:
         """The SSE events to send for the deltas completed by `data`, and their contents as
@@ -77,16 +72,9 @@ class ReplyReader:
         """
         if self.done:
             return b"", b""
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) > MAX_LINE:
-            raise MalformedStream(f"a line longer than {MAX_LINE} bytes")
         frames: list[bytes] = []
         literals: list[bytes] = []
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue  # the blank line between events, comments, other fields
-            payload = line[5:].strip()
+        for payload in self._lines.feed(data):
             if payload == b"[DONE]":
                 self.done = True
                 break

@@ -10,7 +10,9 @@ After a streamed answer, llama-server closes the connection without saying so (n
 `Connection: close`): a client that read the stream to its end puts the connection back
 in its pool, and the next request sent on it is lost the same way (measured: 21 of 120
 requests, one after another on one client).  A streamed request therefore asks for the
-close itself (`STREAM_HEADERS`), and httpx never keeps its connection.
+close itself (`STREAM_HEADERS`), and httpx never keeps its connection.  It also asks for
+the answer uncompressed: streams are read as raw bytes (`zenow.event_stream`), with no
+decoder between the socket and the reader.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ __all__ = ["KEEPALIVE_EXPIRY", "STREAM_HEADERS", "upstream_client"]
 
 #: Seconds an idle connection to a server is kept for the next request (llama-server's own: 5).
 KEEPALIVE_EXPIRY = 2.0
-#: The headers of a streamed request to a server: its connection ends with the stream.
-STREAM_HEADERS = {"Connection": "close"}
+#: The headers of a streamed request to a server: its connection ends with the stream, its bytes are
+#: sent as they are.
+STREAM_HEADERS = {"Connection": "close", "Accept-Encoding": "identity"}
 
 
 def upstream_client(timeout: httpx.Timeout, keepalive_connections: int = 8) -> httpx.AsyncClient:

@@ -23,6 +23,7 @@ import trio
 from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
+from ..event_stream import DataLines
 from ..servers import STREAM_HEADERS, upstream_client
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
@@ -152,31 +153,30 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                 return
             started.send_nowait(outcome.Value(None))
             accepted = True
-            model_literal = json.dumps(call.model_name, ensure_ascii=False)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    await frames.send(DONE)
-                    return
-                frame = content_chunk_event(data, model_literal)
-                if frame is not None:
-                    await send_soon(frames, frame)
-                    continue
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"a chunk that is not an object: {data[:200]}")
-                if "error" in chunk:
-                    error = chunk["error"]
-                    message = error.get("message", error) if isinstance(error, dict) else error
-                    await fail(f"llama-server failed: {message}")
-                    return
-                await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
+            model_literal = json.dumps(call.model_name, ensure_ascii=False).encode()
+            lines = DataLines()
+            async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
+                for payload in lines.feed(data):
+                    if payload == b"[DONE]":
+                        await frames.send(DONE)
+                        return
+                    frame = content_chunk_event(payload, model_literal)
+                    if frame is not None:
+                        await send_soon(frames, frame)
+                        continue
+                    chunk = json.loads(payload)
+                    if not isinstance(chunk, dict):
+                        raise ValueError(f"a chunk that is not an object: {payload[:200]!r}")
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        message = error.get("message", error) if isinstance(error, dict) else error
+                        await fail(f"llama-server failed: {message}")
+                        return
+                    await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
         await fail("llama-server ended the stream without [DONE]")
     except httpx.HTTPError as exc:
         await fail(_connection_failed(exc))
-    except ValueError as exc:  # json.JSONDecodeError included
+    except ValueError as exc:  # json.JSONDecodeError and MalformedStream included
         await fail(f"llama-server sent malformed data: {exc}")
 
 

@@ -287,26 +287,26 @@ def chat_chunk(upstream: Mapping[str, Any], model_name: str) -> dict[str, Any]:
     return {**upstream, "model": model_name}
 
 
-_STRING = r'"(?:[^"\\]|\\.)*"'
+_STRING = rb'"(?:[^"\\]|\\.)*"'
 #: llama-server's usual streamed chunk: one content delta and its fixed fields, in the order it
-#: writes them.  Its `model` (the file's path) is replaced on the text, with no JSON decoding and
+#: writes them.  Its `model` (the file's path) is replaced on the bytes, with no JSON decoding and
 #: encoding per token; any other chunk (the role, the end, usage, an error, another build's
 #: shape) does not match and is decoded.
 _CONTENT_CHUNK = re.compile(
-    r'(\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":' + _STRING
-    + r'\}\}\],"created":\d+,"id":' + _STRING + r',"model":)' + _STRING
-    + r'(,"system_fingerprint":' + _STRING + r',"object":"chat\.completion\.chunk"\})',
+    rb'(\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":' + _STRING
+    + rb'\}\}\],"created":\d+,"id":' + _STRING + rb',"model":)' + _STRING
+    + rb'(,"system_fingerprint":' + _STRING + rb',"object":"chat\.completion\.chunk"\})',
     re.DOTALL,
 )
 
 
-def content_chunk_event(data: str, model_literal: str) -> bytes | None:
-    """The event for `data` when it is llama-server's usual content chunk, its model replaced by
-    `model_literal` (zenow's model name as a JSON string); None for any other chunk."""
+def content_chunk_event(data: bytes, model_literal: bytes) -> bytes | None:
+    """The event for `data` (a `data:` payload) when it is llama-server's usual content chunk, its
+    model replaced by `model_literal` (zenow's model name as a JSON string); None for any other chunk."""
     match = _CONTENT_CHUNK.fullmatch(data)
     if match is None:
         return None
-    return f"data: {match.group(1)}{model_literal}{match.group(2)}\n\n".encode()
+    return b"data: " + match.group(1) + model_literal + match.group(2) + b"\n\n"
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
