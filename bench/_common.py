@@ -81,6 +81,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def add_run_options(parser: argparse.ArgumentParser, name: str, *, timeout: float = 900) -> None:
+    """The options of a benchmark that starts zenow: another checkout to run it from, the results
+    file's name, and the deadline of the whole run."""
+    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
+    parser.add_argument("--name", default=name, help="the results file's name")
+    parser.add_argument("--timeout", type=float, default=timeout, help="give up after this many seconds")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """`--model`: the llm model a chat benchmark runs (see `llm_model`)."""
+    parser.add_argument("--model", default=None,
+                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
+
+
 def run_and_record(name: str, run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
                    render: Callable[[dict[str, Any]], str], args: argparse.Namespace,
                    timeout: float | None = None) -> Path:

@@ -29,6 +29,8 @@ from typing import Any
 import trio
 from _common import (
     Child,
+    add_model_option,
+    add_run_options,
     client,
     cpu_seconds,
     fmt,
@@ -159,13 +161,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
     parser.add_argument("--threads", type=int, default=0, help="llama-server's -t (default: zenow's own default)")
-    parser.add_argument("--model", default=None,
-                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
+    add_model_option(parser)
     parser.add_argument("--no-relay", action="store_true", help="leave the socat relay out")
     parser.add_argument("--no-v1", action="store_true", help="leave /v1/chat/completions out")
-    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
-    parser.add_argument("--name", default="chat_overhead", help="the results file's name")
-    parser.add_argument("--timeout", type=float, default=900)
+    add_run_options(parser, "chat_overhead")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = min(args.rounds, 3), min(args.tokens, 64)

@@ -27,6 +27,8 @@ from typing import Any
 
 import trio
 from _common import (
+    add_model_option,
+    add_run_options,
     client,
     fmt,
     llama_server_binary,
@@ -134,11 +136,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 turns")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the llm's flash_attn parameter (auto: llama-server's choice, on for the CPU)")
-    parser.add_argument("--model", default=None,
-                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
-    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
-    parser.add_argument("--name", default="long_conversations")
-    parser.add_argument("--timeout", type=float, default=900)
+    add_model_option(parser)
+    add_run_options(parser, "long_conversations")
     args = parser.parse_args()
     if args.quick:
         args.turns = min(args.turns, 6)

@@ -26,6 +26,8 @@ from typing import Any
 
 import trio
 from _common import (
+    add_model_option,
+    add_run_options,
     client,
     fmt,
     llama_server_binary,
@@ -143,11 +145,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="N = 1 and 4, one round of 32 tokens")
-    parser.add_argument("--model", default=None,
-                        help="the llm model: a GGUF file, or 'synthetic' (see above); default SmolLM2-135M")
-    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
-    parser.add_argument("--name", default="parallel_chats")
-    parser.add_argument("--timeout", type=float, default=900)
+    add_model_option(parser)
+    add_run_options(parser, "parallel_chats")
     args = parser.parse_args()
     args.counts = [int(c) for c in args.counts.split(",")]
     if args.quick:

@@ -42,6 +42,7 @@ from _common import (
     REPO,
     Child,
     _spawn,
+    add_run_options,
     child_pids,
     client,
     fmt,
@@ -181,9 +182,7 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=8.5, help="ms between the upstream's chunks")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 tokens")
-    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
-    parser.add_argument("--name", default="proxy_floor", help="the results file's name")
-    parser.add_argument("--timeout", type=float, default=900)
+    add_run_options(parser, "proxy_floor")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = min(args.rounds, 3), min(args.tokens, 64)
