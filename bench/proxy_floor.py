@@ -87,14 +87,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if answer.status_code != 200:
                         raise SystemExit(f"loading the fake model failed: {answer.text}")
                     await wait_llm_running(http)
-                    return await measure(args, http, upstream, socat, relay, bare, zenow)
+                    return await measure(args, http, socat, relay, bare, zenow)
             finally:
                 for child in (zenow, bare, relay, socat, upstream):
                     await child.stop()
                 nursery.cancel_scope.cancel()
 
 
-async def measure(args: argparse.Namespace, http: httpx.AsyncClient, upstream: Child, socat: Child, relay: Child,
+async def measure(args: argparse.Namespace, http: httpx.AsyncClient, socat: Child, relay: Child,
                   bare: Child, zenow: Child) -> dict[str, Any]:
     def openai_body(tokens: int) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": tokens}
@@ -146,7 +146,6 @@ async def measure(args: argparse.Namespace, http: httpx.AsyncClient, upstream: C
         await once(name, SHORT)
     names = list(paths)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    seen: dict[str, list[int]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         order = names[round_ % len(names):] + names[:round_ % len(names)]
         for name in order:
@@ -156,7 +155,6 @@ async def measure(args: argparse.Namespace, http: httpx.AsyncClient, upstream: C
                 raise SystemExit(f"{name}: {short_chunks} and {long_chunks} content chunks, "
                                  f"expected {SHORT} and {SHORT + args.tokens}")
             samples[name].append((long - short) / args.tokens)
-            seen[name].append(long_chunks)
     return {"rounds": args.rounds, "gap_ms": args.gap, "tokens": args.tokens,
             "paths": {name: {"cpu_s_per_token": samples[name]} for name in names}}
 
