@@ -89,3 +89,17 @@ def test_help_explains_every_option():
     top = subprocess.run([sys.executable, "-m", "zenow", "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
     assert "serve" in top
+
+
+async def test_a_malformed_stream_batch_window_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZENOW_STREAM_BATCH_MS", "soon")
+    code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0")
+    assert code == 2
+    assert "zenow: the stream batch window is a number of milliseconds, not 'soon'" in stderr.splitlines()
+    monkeypatch.setenv("ZENOW_STREAM_BATCH_MS", "250")
+    code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0")
+    assert (code, stderr.strip()) == (2, "zenow: the stream batch window must be 0 to 200 ms, not 250")
+    monkeypatch.delenv("ZENOW_STREAM_BATCH_MS")
+    code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0", "--stream-batch-ms", "-1")
+    assert code == 2 and "the stream batch window must be 0 to 200 ms, not -1" in stderr
+    assert "Traceback" not in stderr

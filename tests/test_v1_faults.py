@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import time
 from contextlib import asynccontextmanager, suppress
@@ -17,6 +16,7 @@ import trio
 from tests.support.harness import make_settings, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
 from tests.support.llama import fake_events as events
+from tests.support.raw_http import STREAM_HEAD, read_request
 
 FAKE_REPLY = "Hello from the fake server."
 ASK = {"model": "fake-a", "messages": [{"role": "user", "content": "hello there"}]}
@@ -237,16 +237,8 @@ async def test_a_broken_stream_ends_with_an_error_event_then_done_whatever_came_
 
     async def serve(stream):
         async with stream:
-            # the whole request first: closing with part of it unread would reset the connection,
-            # and the client would see a reset instead of the stream's own fault
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += await stream.receive_some(65536)
-            head, _, received = request.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(received) < length:
-                received += await stream.receive_some(65536)
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            await read_request(stream)
+            await stream.send_all(STREAM_HEAD)
             with suppress(trio.BrokenResourceError):  # the client may stop reading an endless line
                 for start in range(0, len(body), 4096):  # many reads: the endless line grows across them
                     await stream.send_all(body[start:start + 4096])

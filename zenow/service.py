@@ -180,11 +180,14 @@ async def _run(
                 servers[mode] = ServerHandle(mode, ref, board, upstream, store, downloads)
             tokens = TokenCounter(servers["llm"].tokenize_count)
             events.set_snapshot_provider(partial(current_state, servers, downloads))
-            openai = OpenAIGateway(await supervisor.start("v1 upstream actor", UpstreamActor), store, servers)
+            openai = OpenAIGateway(await supervisor.start(
+                "v1 upstream actor", partial(UpstreamActor, batch_window=settings.stream_batch_window)
+            ), store, servers)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(
-                        "chat streamer", partial(ChatStreamerActor, store, servers["llm"])
+                        "chat streamer", partial(ChatStreamerActor, store, servers["llm"],
+                                                  batch_window=settings.stream_batch_window)
                     ),
                     max_streams=settings.max_chat_streams,
                 )

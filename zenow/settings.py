@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeGuard, get_args
 
-__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Mode", "Settings", "is_mode"]
+__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Mode", "Settings", "is_mode", "stream_batch_window"]
 
 #: The three kinds of model zenow serves, each by its own llama-server child.
 Mode = Literal["llm", "embed", "rerank"]
@@ -44,6 +44,25 @@ DEFAULT_BROWSER_PATH = "https://modelscope.cn/models"
 def cache_root(environ: Mapping[str, str]) -> Path:
     cache = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
     return Path(cache).expanduser()
+
+
+#: How long a streamed token may be held to share a read with the next ones, by default (seconds).
+DEFAULT_STREAM_BATCH_WINDOW = 0.025
+#: The longest a streamed token may be held to share a read with the next ones (seconds).
+MAX_STREAM_BATCH_WINDOW = 0.2
+
+
+def stream_batch_window(milliseconds: str) -> float:
+    """The batch window in seconds from its text in milliseconds (`ZENOW_STREAM_BATCH_MS`,
+    `--stream-batch-ms`); ValueError names what is wrong."""
+    try:
+        value = float(milliseconds) / 1000
+    except ValueError:
+        raise ValueError(f"the stream batch window is a number of milliseconds, not {milliseconds!r}") from None
+    if not 0 <= value <= MAX_STREAM_BATCH_WINDOW:
+        raise ValueError(f"the stream batch window must be 0 to {MAX_STREAM_BATCH_WINDOW * 1000:g} ms, "
+                         f"not {milliseconds}")
+    return value
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -103,6 +122,9 @@ class Settings:
     max_connections: int = 256
     #: Chats (`/api/chat`) generating at once; more answer 503 until one ends.
     max_chat_streams: int = 64
+    #: Seconds a streamed token may wait to share one read with the next ones, when the model is fast
+    #: enough for that (`zenow.servers.batched_reads`); 0: each token is read as it comes.
+    stream_batch_window: float = DEFAULT_STREAM_BATCH_WINDOW
     #: Seconds a client may take to send a request's body before it is answered 408.
     read_timeout: float = 30.0
     #: Seconds a connection may sit idle, or take to send a request's headers, before it is closed.
@@ -150,6 +172,8 @@ class Settings:
             values["system_prompt"] = env["ZENOW_SYSTEM_PROMPT"]
         if env.get("ZENOW_DEFAULT_LLM"):
             values["default_llm"] = Path(env["ZENOW_DEFAULT_LLM"])
+        if env.get("ZENOW_STREAM_BATCH_MS"):
+            values["stream_batch_window"] = stream_batch_window(env["ZENOW_STREAM_BATCH_MS"])
         values["search_path"] = env.get("PATH", "")
         values["cache_root"] = cache_root(env)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -50,7 +50,7 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import STREAM_HEADERS, ServerHandle, ServerStatus, upstream_client
+from ..servers import DEFAULT_WINDOW, STREAM_HEADERS, ServerHandle, ServerStatus, batched_reads, upstream_client
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
@@ -150,9 +150,11 @@ class ChatStreamerActor(Actor):
     """Answers chats: each in a task of its own (see the module docstring); tokens are
     counted with one batched `/tokenize` call per chat."""
 
-    def __init__(self, store: Store, llm: ServerHandle, read_timeout: float = 600.0) -> None:
+    def __init__(self, store: Store, llm: ServerHandle, read_timeout: float = 600.0,
+                 batch_window: float = DEFAULT_WINDOW) -> None:
         self.store = store
         self.llm = llm
+        self._batch_window = batch_window
         self._sessions: dict[int, _SessionChats] = {}
         #: (endpoint, system prompt, its token count): the one count every chat needs.
         self._system_count: tuple[str, str, int] | None = None
@@ -437,15 +439,17 @@ class ChatStreamerActor(Actor):
                 if response.status_code != 200:
                     body = (await response.aread()).decode(errors="replace")
                     return Failed(f"llama-server answered {response.status_code}: {_error_message(body)}")
-                async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
-                    frames, literal = reader.feed(data)
-                    if frames:
-                        generating.set()
-                        metrics.first_delta(parts, prepared.request.received_at)
-                        parts.append(literal)
-                        await send_soon(send, Delta(frames, literal))
-                    if reader.done:
-                        return Finished(reader.finish_reason, reader.usage)
+                async with batched_reads(response, self._batch_window) as batching:
+                    async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
+                        batching.received(len(data))
+                        frames, literal = reader.feed(data)
+                        if frames:
+                            generating.set()
+                            metrics.first_delta(parts, prepared.request.received_at)
+                            parts.append(literal)
+                            await send_soon(send, Delta(frames, literal))
+                        if reader.done:
+                            return Finished(reader.finish_reason, reader.usage)
                 return Failed("llama-server ended the stream without [DONE]")
         except httpx.HTTPError as exc:
             return Failed(f"llama-server connection failed: {exc.__class__.__name__}: {exc}".rstrip(": "))

@@ -24,7 +24,7 @@ from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
 from ..event_stream import DataLines
-from ..servers import STREAM_HEADERS, upstream_client
+from ..servers import DEFAULT_WINDOW, STREAM_HEADERS, batched_reads, upstream_client
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -59,7 +59,8 @@ class ChatStreamCall:
 
 
 class UpstreamActor(Actor):
-    def __init__(self, read_timeout: float = READ_TIMEOUT) -> None:
+    def __init__(self, read_timeout: float = READ_TIMEOUT, batch_window: float = DEFAULT_WINDOW) -> None:
+        self._batch_window = batch_window
         # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
         # a pool limit here would fail the request beyond it after the pool timeout instead.
         self._http = upstream_client(httpx.Timeout(10.0, read=read_timeout))
@@ -109,7 +110,7 @@ class UpstreamActor(Actor):
                           on_end: Callable[[], None]) -> None:
         try:
             with frames, started, scope:
-                await _stream_chat(self._http, call, frames, started)
+                await _stream_chat(self._http, call, frames, started, self._batch_window)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the consumer went away; the upstream request is closed by now
         except Exception:
@@ -134,7 +135,7 @@ async def _request_json(http: httpx.AsyncClient, call: UpstreamCall) -> Any:
 
 
 async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: trio.MemorySendChannel[bytes],
-                       started: trio.MemorySendChannel[outcome.Outcome[None]]) -> None:
+                       started: trio.MemorySendChannel[outcome.Outcome[None]], batch_window: float = 0.0) -> None:
     accepted = False
 
     async def fail(message: str) -> None:
@@ -155,24 +156,26 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
             accepted = True
             model_literal = json.dumps(call.model_name, ensure_ascii=False).encode()
             lines = DataLines()
-            async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
-                for payload in lines.feed(data):
-                    if payload == b"[DONE]":
-                        await frames.send(DONE)
-                        return
-                    frame = content_chunk_event(payload, model_literal)
-                    if frame is not None:
-                        await send_soon(frames, frame)
-                        continue
-                    chunk = json.loads(payload)
-                    if not isinstance(chunk, dict):
-                        raise ValueError(f"a chunk that is not an object: {payload[:200]!r}")
-                    if "error" in chunk:
-                        error = chunk["error"]
-                        message = error.get("message", error) if isinstance(error, dict) else error
-                        await fail(f"llama-server failed: {message}")
-                        return
-                    await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
+            async with batched_reads(response, batch_window) as batching:
+                async for data in response.aiter_raw():  # uncompressed (STREAM_HEADERS)
+                    batching.received(len(data))
+                    for payload in lines.feed(data):
+                        if payload == b"[DONE]":
+                            await frames.send(DONE)
+                            return
+                        frame = content_chunk_event(payload, model_literal)
+                        if frame is not None:
+                            await send_soon(frames, frame)
+                            continue
+                        chunk = json.loads(payload)
+                        if not isinstance(chunk, dict):
+                            raise ValueError(f"a chunk that is not an object: {payload[:200]!r}")
+                        if "error" in chunk:
+                            error = chunk["error"]
+                            message = error.get("message", error) if isinstance(error, dict) else error
+                            await fail(f"llama-server failed: {message}")
+                            return
+                        await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
         await fail("llama-server ended the stream without [DONE]")
     except httpx.HTTPError as exc:
         await fail(_connection_failed(exc))
