@@ -85,6 +85,8 @@ def add_run_options(parser: argparse.ArgumentParser, name: str, *, timeout: floa
     """The options of a benchmark that starts zenow: another checkout to run it from, the results
     file's name, and the deadline of the whole run."""
     parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
+    parser.add_argument("--zenow-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for `zenow serve` (repeatable), e.g. --zenow-arg=--stream-batch-ms=0")
     parser.add_argument("--name", default=name, help="the results file's name")
     parser.add_argument("--timeout", type=float, default=timeout, help="give up after this many seconds")
 

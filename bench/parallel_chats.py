@@ -54,7 +54,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
         async with trio.open_nursery() as nursery:
             model = await trio.to_thread.run_sync(llm_model, args.model, Path(home))  # writes 824 MB for synthetic
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", model,
+            zenow = await start_zenow(nursery, Path(home), "--default-llm", model, *args.zenow_arg,
                                       env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
                                       python_path=args.zenow_path)
             try:

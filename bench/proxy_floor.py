@@ -79,8 +79,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             socat = await start_relay(nursery, upstream.url)
             relay = await start_bare(nursery, "--relay-to", upstream.url)
             bare = await start_bare(nursery, "--upstream", upstream.url)
-            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE), env=fake_env(args.gap),
-                                      python_path=args.zenow_path)
+            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE), *args.zenow_arg,
+                                      env=fake_env(args.gap), python_path=args.zenow_path)
             try:
                 async with client(zenow.url) as http:
                     answer = await http.post("/api/models/load", json={"model_name": "fake"})

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import (
     REPO,
     Child,
+    add_run_options,
     child_pids,
     client,
     cmdline,
@@ -101,9 +102,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         write_stub_model(Path(home) / "models" / "llm" / "fake.gguf")
         env = zenow_env(FAKE_LLAMA_TOKEN_DELAY="0", FAKE_LLAMA_TOKEN_COUNT=str(args.tokens))
         async with trio.open_nursery() as nursery:
-            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE),
+            zenow = await start_zenow(nursery, Path(home), "--llama-server", str(FAKE), *args.zenow_arg,
                                       "--max-connections", str(args.streams * 2 + 16),
-                                      "--max-chat-streams", str(args.streams * 2), env=env)
+                                      "--max-chat-streams", str(args.streams * 2), env=env,
+                                      python_path=args.zenow_path)
             bare = await start_bare(nursery)
             try:
                 return await measure(args, zenow, bare)
@@ -194,12 +196,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round of 64 x 200")
-    parser.add_argument("--timeout", type=float, default=600)
+    add_run_options(parser, "stream_fanin", timeout=600)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.tokens = 1, min(args.tokens, 200)
 
-    run_and_record("stream_fanin", run, render, args)
+    run_and_record(args.name, run, render, args)
 
 
 if __name__ == "__main__":

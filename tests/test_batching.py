@@ -113,7 +113,7 @@ async def test_with_no_window_nothing_is_batched(nursery):
 
 async def test_the_end_of_a_stream_is_not_held_back_by_the_mark(nursery):
     # A window of 200 ms sets a mark of ~50 tokens; the stream has 30, and the timer that would
-    # release them fires 400 ms after the last read.  The server's close wakes the reader first.
+    # release them fires 300-400 ms after the last read.  The server's close wakes the reader first.
     paced = Paced(count=30, gap=0.004)
     with trio.fail_after(10):
         reads = await read_paced(nursery, paced, 0.2)
@@ -123,8 +123,8 @@ async def test_the_end_of_a_stream_is_not_held_back_by_the_mark(nursery):
 
 async def test_tokens_below_the_mark_are_released_when_the_stream_stalls(nursery):
     # Fast tokens raise the mark; once some wait below it, the server sends nothing more until the
-    # client has read them, which it can only once the timer drops the mark (2 windows after the
-    # last read).  Without the timer, this never ends.
+    # client has read them, which it can only once the timer drops the mark (at most 2 windows after
+    # the last read).  Without the timer, this never ends.
     paced = Paced(count=40, gap=0.004, pause=True)
     with trio.fail_after(20):
         reads = await read_paced(nursery, paced, 0.05)

@@ -10,7 +10,7 @@ time is taken from generation (`bench/RESULTS.md`, "the floor under zenow's CPU 
 `window`, the socket's `SO_RCVLOWAT` is set to about the bytes that arrive in a `window`, so
 the event loop is woken when that many are waiting, not at each token.  Nothing waits past a
 deadline: the first token is read at once (the mark starts at one byte), a stream that slows
-down has its mark dropped back to one byte by a timer `2 * window` after the last read
+down has its mark dropped back to one byte by a timer 1.5 to 2 windows after the last read
 (lowering the mark wakes a reader with bytes waiting), and the end of the stream is never
 held back: streams are read on a connection the server closes (`STREAM_HEADERS`), and the close
 wakes the reader whatever the mark.  Slow streams are never batched.
@@ -78,7 +78,9 @@ class ReadBatching:
         self._last = now
         self._wake_bytes += size
         if self._mark > 1:
-            self._timer.deadline = now + 2 * self.window
+            due = self._timer.deadline
+            if due == math.inf or due < now + 1.5 * self.window:  # moved at most every half window
+                self._timer.deadline = now + 2 * self.window
 
     def _woke(self, now: float) -> None:
         # the wakeup that ended read the bytes that arrived between the one before it and itself
@@ -104,7 +106,7 @@ class ReadBatching:
         self._mark = mark
 
     async def watch(self) -> None:
-        """Drop the mark to one byte when no read came for `2 * window` (a stream slowing down)."""
+        """Drop the mark to one byte when no read came for 1.5 to 2 windows (a stream slowing down)."""
         while True:
             with self._timer:
                 await trio.sleep_forever()
