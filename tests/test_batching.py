@@ -137,4 +137,4 @@ def test_the_window_is_given_in_milliseconds_and_0_turns_batching_off():
     def window(**env: str) -> float:
         return Settings.from_environment({"HOME": "/nonexistent", **env}).stream_batch_window
 
-    assert (window(), window(ZENOW_STREAM_BATCH_MS="40"), window(ZENOW_STREAM_BATCH_MS="0")) == (0.025, 0.04, 0)
+    assert (window(), window(ZENOW_STREAM_BATCH_MS="40"), window(ZENOW_STREAM_BATCH_MS="0")) == (0.05, 0.04, 0)

@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--stream-batch-ms", type=_batch_window, default=None, metavar="MS", dest="stream_batch_window",
         help="while a model streams faster than a token per MS/2, gather its tokens for up to MS "
-        "milliseconds into one read and one write, which leaves the model more CPU (default 25; "
+        "milliseconds into one read and one write, which leaves the model more CPU (default 50; "
         "0: pass each token on as it comes; env ZENOW_STREAM_BATCH_MS)",
     )
     serve.add_argument(

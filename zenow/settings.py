@@ -47,7 +47,7 @@ def cache_root(environ: Mapping[str, str]) -> Path:
 
 
 #: How long a streamed token may be held to share a read with the next ones, by default (seconds).
-DEFAULT_STREAM_BATCH_WINDOW = 0.025
+DEFAULT_STREAM_BATCH_WINDOW = 0.05
 #: The longest a streamed token may be held to share a read with the next ones (seconds).
 MAX_STREAM_BATCH_WINDOW = 0.2
 
