@@ -3,8 +3,8 @@
 Both streams zenow reads from a mode's server, `/api/chat`'s and `/v1/chat/completions`',
 read the response's raw bytes (asked for uncompressed) and split them here: one
 `bytes.split` a read, no text decoding, and at most one incomplete line kept, up to
-`MAX_LINE` bytes, so a server that never ends a line cannot grow zenow's memory.  Each
-token arrives in a read of its own, so what runs per read is what runs per token.
+`MAX_LINE` bytes, so a server that never ends a line cannot grow zenow's memory.  A slow
+stream's tokens arrive a read each, a fast one's several a read (`zenow.servers.batched_reads`).
 """
 
 from __future__ import annotations
