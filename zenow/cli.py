@@ -137,9 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--stream-batch-ms", type=_batch_window, default=None, metavar="MS", dest="stream_batch_window",
-        help="while a model streams faster than a token per MS/2, gather its tokens for up to MS "
-        "milliseconds into one read and one write, which leaves the model more CPU (default 50; "
-        "0: pass each token on as it comes; env ZENOW_STREAM_BATCH_MS)",
+        help="while a model streams faster than two tokens in MS milliseconds, pass its tokens on in "
+        "groups about MS apart (one read and one write each), which leaves the model more CPU (default 50, "
+        "at most 200; 0: each token as it comes; env ZENOW_STREAM_BATCH_MS)",
     )
     serve.add_argument(
         "--system-prompt", default=None,
