@@ -371,6 +371,27 @@ async def test_a_lagging_reader_gets_every_waiting_delta_in_one_chunk_of_whole_e
     assert await frames.__anext__() == b"data: [DONE]\n\n"
 
 
+async def test_a_stream_counts_its_first_delta_delivered_once_the_consumer_comes_back_for_more():
+    # the request's messages are counted and stored after that (or after a short wait), so the
+    # /tokenize call and the inserts never delay the first token on its way to the client
+    from zenow.chat import ChatRequest, ChatStream, Delta, Finished
+
+    request = ChatRequest(1, [("user", "hi")])
+    send, receive = trio.open_memory_channel(8)
+    stream = ChatStream(receive, trio.CancelScope(), None, request.delivered)
+    frames = stream.frames()
+    send.send_nowait(Finished("stop", None))  # no frame: nothing delivered
+    send.send_nowait(Delta.of("first"))
+    assert await frames.__anext__() == Delta.of("first").frame
+    assert not request.delivered.is_set()  # handed to the consumer, not yet written by it
+    send.send_nowait(Delta.of("second"))
+    await frames.__anext__()
+    assert request.delivered.is_set()
+    other = ChatRequest(1, [("user", "hi")])
+    ChatStream(trio.open_memory_channel(1)[1], trio.CancelScope(), None, other.delivered).cancel()
+    assert other.delivered.is_set()  # a cancelled stream delivers nothing more: nobody waits for it
+
+
 async def test_a_reader_that_lags_behind_gets_every_event_whole_and_in_order(fake, monkeypatch):
     monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0")
     monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "1500")

@@ -72,6 +72,8 @@ HISTORY_PAGE = 200
 SPECIAL_TOKENS_MARGIN = 8
 #: Seconds the request's messages may take to be counted and stored once generation began.
 STORE_DEADLINE = 30.0
+#: Seconds the request's messages wait, once the first token came, for its delivery to the client.
+DELIVERY_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class ChatRequest:
     max_tokens: int | None = None
     #: When the request arrived (trio's clock): its time to first token is counted from here.
     received_at: float = field(default_factory=trio.current_time)
+    #: Set by the reply's consumer once it has handed the first delta on (or stopped): the
+    #: request's messages are counted and stored after that, not while the first token travels.
+    delivered: trio.Event = field(default_factory=trio.Event, compare=False, repr=False)
 
 
 @dataclass
@@ -93,6 +98,8 @@ class ChatStream:
     scope: trio.CancelScope
     #: Called once when the stream ends (its slot among the open streams is free again).
     on_end: Callable[[], None] | None = None
+    #: Set once the first delta was handed on (the request's `delivered`).
+    delivered: trio.Event = field(default_factory=trio.Event)
 
     async def frames(self) -> AsyncIterator[bytes]:
         """The reply as SSE, ending with `data: [DONE]`: each chunk holds whole events, every
@@ -101,10 +108,12 @@ class ChatStream:
             frames = [sse(waiting) for waiting in receive_waiting(event, self.events)]
             chunk = b"".join(frame for frame in frames if frame is not None)
             if chunk:
-                yield chunk
+                yield chunk  # back here once the consumer wrote it
+                self.delivered.set()
         yield DONE
 
     def cancel(self) -> None:
+        self.delivered.set()
         self.scope.cancel()
         self.events.close()
         on_end, self.on_end = self.on_end, None
@@ -405,9 +414,12 @@ class ChatStreamerActor(Actor):
         """Once the first token came (or the stream ended), count (unless counted) and store the
         request's messages, whatever happens to the stream meanwhile; on failure note it in
         `failures` and stop the stream.  Waiting for the first token keeps the `/tokenize` call
-        and the database writes off the CPU while llama-server reads the prompt."""
+        and the database writes off the CPU while llama-server reads the prompt, and waiting
+        (briefly) for its delivery keeps them off the first token's way to the client."""
         await generating.wait()
         request = prepared.request
+        with trio.move_on_after(DELIVERY_WAIT):
+            await request.delivered.wait()
         with trio.CancelScope(shield=True), trio.move_on_after(STORE_DEADLINE) as deadline:
             try:
                 counts = prepared.counts
@@ -537,7 +549,7 @@ class ChatStreamer:
             )
         send, receive = trio.open_memory_channel[StreamEvent](EVENT_BUFFER)
         self._open += 1
-        stream = ChatStream(receive, trio.CancelScope(), self._ended)
+        stream = ChatStream(receive, trio.CancelScope(), self._ended, request.delivered)
         ready_send, ready_receive = trio.open_memory_channel[outcome.Outcome[None]](1)
         try:
             with ready_receive:
@@ -562,6 +574,7 @@ class ChatStreamer:
             async for event in stream.events:
                 if isinstance(event, Delta):
                     parts.append(event.literal)
+                    stream.delivered.set()
                 elif isinstance(event, Failed):
                     raise UpstreamError(event.message)
                 else:
