@@ -8,12 +8,15 @@ tokens; the client reads it the way zenow's two chat paths do (httpx, `STREAM_HE
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 import trio
 
-from tests.support.harness import wait_for
+from tests.support.harness import make_settings, start_zenow, wait_for, wait_status
+from tests.support.llama import child_auth, child_url
 from tests.support.raw_http import STREAM_HEAD, read_request
 from zenow.servers import STREAM_HEADERS, batched_reads, upstream_client
 
@@ -41,6 +44,7 @@ class Reads:
     recvs: int  # the client socket's recv calls
     marks: list[int]  # the mark after each read
     released: int  # times the timer dropped the mark
+    body: bytes = b""
 
 
 async def read_paced(nursery: trio.Nursery, paced: Paced, window: float) -> Reads:
@@ -63,9 +67,23 @@ async def read_paced(nursery: trio.Nursery, paced: Paced, window: float) -> Read
 
     (listener,) = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     port = listener.socket.getsockname()[1]
+
+    def received(data: bytes, mark: int) -> None:
+        paced.received += data
+        paced.mark = mark
+
+    reads = await read_batched(f"http://127.0.0.1:{port}/", {}, window, received)
+    assert bytes(paced.received) == paced.sent  # every byte, in order
+    return reads
+
+
+async def read_batched(url: str, body: dict, window: float, received=None, auth: httpx.Auth | None = None) -> Reads:
+    """POST `body` to `url` and read the streamed answer as zenow does, through `batched_reads(window)`;
+    `received(data, mark)` after each read."""
     recvs, marks = 0, []
-    async with upstream_client(httpx.Timeout(10.0)) as http, \
-            http.stream("POST", f"http://127.0.0.1:{port}/", json={}, headers=STREAM_HEADERS) as response:
+    async with upstream_client(httpx.Timeout(60.0)) as http, \
+            http.stream("POST", url, json=body, headers=STREAM_HEADERS, auth=auth) as response:
+        assert response.status_code == 200
         sock = response.extensions["network_stream"].get_extra_info("socket")
         recv = sock.recv
 
@@ -75,14 +93,15 @@ async def read_paced(nursery: trio.Nursery, paced: Paced, window: float) -> Read
             return await recv(*args)
 
         sock.recv = counted
+        body_bytes = bytearray()
         async with batched_reads(response, window) as batching:
             async for data in response.aiter_raw():
                 batching.received(len(data))
-                paced.received += data
-                paced.mark = batching.mark
+                body_bytes += data
                 marks.append(batching.mark)
-    assert bytes(paced.received) == paced.sent  # every byte, in order
-    return Reads(recvs, marks, batching.released)
+                if received is not None:
+                    received(data, batching.mark)
+    return Reads(recvs, marks, batching.released, bytes(body_bytes))
 
 
 def _async(predicate):
@@ -138,3 +157,27 @@ def test_the_window_is_given_in_milliseconds_and_0_turns_batching_off():
         return Settings.from_environment({"HOME": "/nonexistent", **env}).stream_batch_window
 
     assert (window(), window(ZENOW_STREAM_BATCH_MS="40"), window(ZENOW_STREAM_BATCH_MS="0")) == (0.05, 0.04, 0)
+
+
+@pytest.mark.real_llama
+async def test_the_real_llama_server_stream_is_read_in_groups_and_whole(nursery, tmp_path, llama_server, smollm2):
+    """SmolLM2 on the real llama-server, the same request read token by token and in groups: the
+    same tokens, far fewer reads, and its end comes with llama-server's close, not the timer."""
+    settings = make_settings(tmp_path / "home", llama_server=llama_server, default_llm=smollm2)
+    async with start_zenow(nursery, settings) as zenow:
+        await wait_status(zenow.client, "running")
+        url = f"{child_url()}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
+                "stream": True, "temperature": 0, "seed": 42, "max_tokens": 64}
+        await read_batched(url, body, 0.0, auth=child_auth())  # the prompt cached: both reads below alike
+        alone = await read_batched(url, body, 0.0, auth=child_auth())
+        grouped = await read_batched(url, body, 0.2, auth=child_auth())
+
+    def content(raw: bytes) -> str:
+        chunks = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: {")]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+    assert content(grouped.body) == content(alone.body) and len(content(alone.body)) > 100
+    assert grouped.body.endswith(b"data: [DONE]\n\n")
+    assert max(grouped.marks) > 1 and grouped.released == 0
+    assert grouped.recvs * 3 < alone.recvs

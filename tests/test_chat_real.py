@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.support.harness import make_settings, start_zenow, wait_status
-from tests.support.llama import child_auth, cmdline, llama_children
+from tests.support.llama import child_auth, child_url
 from zenow.chat import Turn, history_in_steps
 
 pytestmark = pytest.mark.real_llama
@@ -42,12 +42,6 @@ def parse_sse(raw: str):
 
 async def messages(client, sid):
     return (await client.get(f"/api/sessions/{sid}/messages")).json()["messages"]
-
-
-def child_url():
-    (pid,) = llama_children(os.getpid(), "llm")
-    argv = cmdline(pid)
-    return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
 
 
 async def test_a_streamed_reply_is_saved_exactly_as_streamed(smol):

@@ -128,3 +128,10 @@ def fake_events(path: Path, kind: str | None = None) -> list[dict]:
         return []
     found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [e for e in found if kind is None or e["event"] == kind]
+
+
+def child_url() -> str:
+    """The address of this process's zenow's llm llama-server child (one must run)."""
+    (pid,) = llama_children(os.getpid(), "llm")
+    argv = cmdline(pid)
+    return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
