@@ -50,7 +50,8 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import DEFAULT_WINDOW, STREAM_HEADERS, ServerHandle, ServerStatus, batched_reads, upstream_client
+from ..servers import STREAM_HEADERS, ServerHandle, ServerStatus, batched_reads, upstream_client
+from ..settings import DEFAULT_STREAM_BATCH_WINDOW
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
@@ -160,7 +161,7 @@ class ChatStreamerActor(Actor):
     counted with one batched `/tokenize` call per chat."""
 
     def __init__(self, store: Store, llm: ServerHandle, read_timeout: float = 600.0,
-                 batch_window: float = DEFAULT_WINDOW) -> None:
+                 batch_window: float = DEFAULT_STREAM_BATCH_WINDOW) -> None:
         self.store = store
         self.llm = llm
         self._batch_window = batch_window

@@ -9,7 +9,6 @@ from ._actor import ServerActor as ServerActor
 from ._actor import ServerBoard as ServerBoard
 from ._actor import ServerHandle as ServerHandle
 from ._actor import ServerStatus as ServerStatus
-from ._batching import DEFAULT_WINDOW as DEFAULT_WINDOW
 from ._batching import batched_reads as batched_reads
 from ._binary import LLAMA_CPP_PYTHON_VERSION as LLAMA_CPP_PYTHON_VERSION
 from ._binary import find_llama_server as find_llama_server

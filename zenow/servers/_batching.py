@@ -27,12 +27,9 @@ from typing import Any
 import trio
 
 from ..errors import single_cause
-from ..settings import DEFAULT_STREAM_BATCH_WINDOW
 
-__all__ = ["DEFAULT_WINDOW", "MAX_MARK", "ReadBatching", "batched_reads"]
+__all__ = ["MAX_MARK", "ReadBatching", "batched_reads"]
 
-#: How long a token may wait in the kernel for others to share its wakeup, in seconds.
-DEFAULT_WINDOW = DEFAULT_STREAM_BATCH_WINDOW
 #: The highest mark set, in bytes (well under any receive buffer: the kernel grows none for it).
 MAX_MARK = 16384
 
@@ -126,9 +123,11 @@ class _Unbatched:
 
 
 @asynccontextmanager
-async def batched_reads(response: Any, window: float = DEFAULT_WINDOW) -> AsyncIterator[ReadBatching | _Unbatched]:
+async def batched_reads(response: Any, window: float) -> AsyncIterator[ReadBatching | _Unbatched]:
     """Batch the reads of a streamed httpx response's body (see the module): call `received` after
-    each.  Nothing is batched when `window` is 0 or no TCP socket is under the response."""
+    each.  `window`: how long a token may wait in the kernel for others to share its wakeup
+    (seconds; `Settings.stream_batch_window`).  Nothing is batched when it is 0 or no TCP socket is
+    under the response."""
     sock = _socket_of(response)
     if not window > 0 or sock is None or not math.isfinite(window):
         yield _Unbatched()

@@ -24,7 +24,8 @@ from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
 from ..event_stream import DataLines
-from ..servers import DEFAULT_WINDOW, STREAM_HEADERS, batched_reads, upstream_client
+from ..servers import STREAM_HEADERS, batched_reads, upstream_client
+from ..settings import DEFAULT_STREAM_BATCH_WINDOW
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -59,7 +60,7 @@ class ChatStreamCall:
 
 
 class UpstreamActor(Actor):
-    def __init__(self, read_timeout: float = READ_TIMEOUT, batch_window: float = DEFAULT_WINDOW) -> None:
+    def __init__(self, read_timeout: float = READ_TIMEOUT, batch_window: float = DEFAULT_STREAM_BATCH_WINDOW) -> None:
         self._batch_window = batch_window
         # No pool limit of our own: the HTTP front caps open connections (`max_connections`), and
         # a pool limit here would fail the request beyond it after the pool timeout instead.
