@@ -67,8 +67,8 @@ class ReadBatching:
 
     def received(self, size: int) -> None:
         """Note a read of `size` bytes; at each wakeup after the first two, set the mark to the
-        bytes the stream sends in a window (less half a token), or to one byte when that is under
-        two tokens."""
+        bytes the stream sends in a window (less half a token, at most twice what the last wakeup
+        read), or to one byte when that is under two tokens."""
         now = trio.current_time()
         if now - self._last > BURST:
             self._woke(now)
@@ -89,7 +89,9 @@ class ReadBatching:
             self._unit = size if not self._unit else (self._unit + size) / 2
         sample = size / interval
         self._rate = sample if not self._rate else (self._rate + sample) / 2
-        mark = min(MAX_MARK, int(self._rate * self.window - self._unit / 2))
+        # never more than twice what the last wakeup read: one short interval between the first
+        # tokens (they often come together) cannot set a mark the stream takes windows to fill
+        mark = min(MAX_MARK, 2 * size, int(self._rate * self.window - self._unit / 2))
         if mark < 1.5 * self._unit:
             mark = 1
         if (mark == 1 and self._mark > 1) or abs(mark - self._mark) * 4 > self._unit:  # a change worth a call
