@@ -9,7 +9,7 @@ and from 64 concurrent keep-alive clients (the first page, which zenow keeps unt
 the second, which it reads from the database every time; the bare route answers both with the first
 page's bytes), and message inserts through the API.
 
-    python bench/store_scale.py [--messages 1000000] [--sizes 1000,10000,100000] [--quick]
+    python bench/store_scale.py [--messages 1000000] [--sizes 1000,10000,100000] [--quick] [--zenow-path DIR]
 
 Targets (issue 11): list <= 1 ms p50 for the query and <= 2 ms for the request, flat from 1k to
 100k sessions; history <= 5 ms p50; 64 clients >= 15x 137 requests/s; inserts no slower than before.
@@ -26,7 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _common import client, cpu_seconds, fmt, median, p90, run_and_record, start_bare, start_zenow, table, zenow_env
+from _common import (
+    add_run_options,
+    client,
+    cpu_seconds,
+    fmt,
+    median,
+    p90,
+    run_and_record,
+    start_bare,
+    start_zenow,
+    table,
+    zenow_env,
+)
 
 from zenow.store import _queries as q
 
@@ -124,7 +136,8 @@ async def raw_requests(url: str, request: bytes, clients: int, per_client: int) 
 
 async def over_http(home: Path, big_sid: int, args: argparse.Namespace) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
-        zenow = await start_zenow(nursery, home, "--max-connections", "256", env=zenow_env())
+        zenow = await start_zenow(nursery, home, "--max-connections", "256", *args.zenow_arg, env=zenow_env(),
+                                  python_path=args.zenow_path)
         try:
             async with client(zenow.url) as http:
                 page = (await http.get("/api/sessions")).content
@@ -229,14 +242,14 @@ def main() -> None:
     parser.add_argument("--inserts", type=int, default=200)
     parser.add_argument("--per-client", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="1k and 10k sessions, 100,000 messages, one round")
-    parser.add_argument("--timeout", type=float, default=900)
+    add_run_options(parser, "store_scale")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.messages, args.big, args.sizes, args.rounds = 100_000, 10_000, [1000, 10_000], 1
         args.requests, args.inserts, args.per_client = 100, 100, 20
 
-    run_and_record("store_scale", run, render, args)
+    run_and_record(args.name, run, render, args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ connection, graceful shutdown) with a semaphore taken before each `accept`: past
 `max_connections`, new connections wait in the kernel's listen backlog.  Slow
 clients are dropped by hypercorn's `keep_alive_timeout` (no complete request line
 and headers within it) and by Quart's `BODY_TIMEOUT` (a body sent too slowly).
+
+A response of known length goes out in one socket write: hypercorn writes the head, the body and
+h11's (empty) end of message separately, two `send` calls and a segment each; `_OneWriteTCPServer`
+keeps a head that declares a `content-length` until its body comes (always right after it, from the
+same task) and writes the two together.  A streamed response (no length: server-sent events) is
+written as before, its head at once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -23,6 +30,35 @@ from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown
 
 __all__ = ["serve_http"]
+
+
+class _OneWriteTCPServer(TCPServer):
+    """hypercorn's connection handler, writing a fixed-length response's head and body together."""
+
+    _held: bytes = b""
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            data = event.data
+            if self._held:  # the body, or the empty end of a bodiless answer
+                data, self._held = self._held + data, b""
+            elif _has_length(data):
+                self._held = data
+                return
+            if not data:  # h11's end of a fixed-length message: nothing to write
+                return
+            event = RawData(data=data)
+        elif self._held:  # closing with a head kept: write it first
+            held, self._held = self._held, b""
+            await super().protocol_send(RawData(data=held))
+        await super().protocol_send(event)
+
+
+def _has_length(data: bytes) -> bool:
+    """Whether `data` is a final response head (h11 writes it as one piece) declaring its length."""
+    if not data.startswith(b"HTTP/1.1 ") or data[9:10] == b"1" or not data.endswith(b"\r\n\r\n"):
+        return False
+    return b"\r\ncontent-length:" in data.lower()
 
 
 class _CappedListener(trio.abc.Listener[trio.SocketStream]):
@@ -63,7 +99,7 @@ async def serve_http(
     async def handle(stream: trio.SocketStream) -> None:
         try:
             # TCPServer is typed for TLS streams but serves plain ones too (it checks).
-            await TCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
+            await _OneWriteTCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
         finally:
             open_slots.release()
 
