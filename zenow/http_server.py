@@ -9,16 +9,24 @@ clients are dropped by hypercorn's `keep_alive_timeout` (no complete request lin
 and headers within it) and by Quart's `BODY_TIMEOUT` (a body sent too slowly).
 
 A response of known length goes out in one socket write: hypercorn writes the head, the body and
-h11's (empty) end of message separately, two `send` calls and a segment each; `_OneWriteTCPServer`
+h11's (empty) end of message separately, two `send` calls and a segment each; `_Connection`
 keeps a head that declares a `content-length` until its body comes (always right after it, from the
 same task) and writes the two together.  A streamed response (no length: server-sent events) is
 written as before, its head at once.
+
+The keep-alive timeout is one task per connection waiting on a deadline that moves
+(`_KeepAliveTimer`).  hypercorn's own starts a task each time a connection goes idle and cancels it
+when the next request comes, a sixth of the CPU of a small request; and on trio it did not close a
+connection left idle after an answer, neither after the timeout nor at shutdown (which then waited
+for the graceful timeout).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -32,10 +40,21 @@ from hypercorn.utils import ShutdownError, raise_shutdown
 __all__ = ["serve_http"]
 
 
-class _OneWriteTCPServer(TCPServer):
-    """hypercorn's connection handler, writing a fixed-length response's head and body together."""
+class _Connection(TCPServer):
+    """hypercorn's connection handler, writing a fixed-length response's head and body together,
+    with a cheaper keep-alive timer."""
 
     _held: bytes = b""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task = self.keep_alive = _KeepAliveTimer(self)  # type: ignore[assignment]
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:  # the client is gone: nothing is left to time out
+            self.keep_alive.cancel()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -59,6 +78,52 @@ def _has_length(data: bytes) -> bool:
     if not data.startswith(b"HTTP/1.1 ") or data[9:10] == b"1" or not data.endswith(b"\r\n\r\n"):
         return False
     return b"\r\ncontent-length:" in data.lower()
+
+
+class _KeepAliveTimer:
+    """A connection's keep-alive timeout, in hypercorn's `SingleTask` interface, which hypercorn
+    calls `restart` when the connection goes idle (after an answer, and at the start) and `stop`
+    when a request arrives.  Idle for `keep_alive_timeout`, or idle when the server shuts down:
+    the connection is closed, as hypercorn's own `_idle_timeout` does.  One task waits for the
+    connection's life; going idle or busy only moves its deadline."""
+
+    def __init__(self, server: TCPServer) -> None:
+        self._server = server
+        self._deadline = math.inf  # while busy
+        self._scope: trio.CancelScope | None = None
+        self._watching = trio.CancelScope()
+        self._started = False
+
+    async def restart(self, task_group: Any, action: object) -> None:  # `action`: hypercorn's own timer, unused
+        self._move(trio.current_time() + self._server.config.keep_alive_timeout)
+        if not self._started:
+            self._started = True
+            task_group.spawn(self._watch)
+
+    async def stop(self) -> None:
+        self._move(math.inf)
+
+    def cancel(self) -> None:
+        self._watching.cancel()
+
+    def _move(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    async def _watch(self) -> None:
+        terminated = self._server.context.terminated
+        with self._watching:
+            while True:
+                with trio.CancelScope(deadline=self._deadline) as self._scope:
+                    await terminated.wait()
+                self._scope = None
+                if self._deadline != math.inf:  # idle past the timeout, or idle at shutdown
+                    break
+                if terminated.is_set():  # busy at shutdown: hypercorn closes after the answer
+                    return
+            with trio.CancelScope(shield=True):
+                await self._server._initiate_server_close()
 
 
 class _CappedListener(trio.abc.Listener[trio.SocketStream]):
@@ -99,7 +164,7 @@ async def serve_http(
     async def handle(stream: trio.SocketStream) -> None:
         try:
             # TCPServer is typed for TLS streams but serves plain ones too (it checks).
-            await _OneWriteTCPServer(app, config, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
+            await _Connection(app, config, context, ConnectionState(lifespan_state.copy()), stream)
         finally:
             open_slots.release()
 
