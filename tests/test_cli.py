@@ -103,3 +103,12 @@ async def test_a_malformed_stream_batch_window_is_one_line_and_exit_2(tmp_path, 
     code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0", "--stream-batch-ms", "-1")
     assert code == 2 and "the stream batch window must be 0 to 200 ms, not -1" in stderr
     assert "Traceback" not in stderr
+
+
+async def test_a_malformed_prefill_switch_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZENOW_PREFILL_NEXT_TURN", "later")
+    code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0")
+    assert (code, stderr.strip()) == (2, "zenow: ZENOW_PREFILL_NEXT_TURN is on or off, not 'later'")
+    monkeypatch.delenv("ZENOW_PREFILL_NEXT_TURN")
+    code, stderr = await run_zenow_to_exit(tmp_path / "home", "--port", "0", "--prefill-next-turn", "maybe")
+    assert code == 2 and "--prefill-next-turn: invalid choice: 'maybe'" in stderr

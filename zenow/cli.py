@@ -142,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         "at most 200; 0: each token as it comes; env ZENOW_STREAM_BATCH_MS)",
     )
     serve.add_argument(
+        "--prefill-next-turn", choices=("on", "off"), default=None,
+        help="after a chat's reply, have llama-server read the start of the session's next turn into its "
+        "cache, so that the next turn's first token comes sooner on a long conversation (default on; env "
+        "ZENOW_PREFILL_NEXT_TURN)",
+    )
+    serve.add_argument(
         "--system-prompt", default=None,
         help="default system prompt for chat (env ZENOW_SYSTEM_PROMPT)",
     )
@@ -271,4 +277,5 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
         max_body_size=args.max_body_size, max_download_size=args.max_download_size,
         max_connections=args.max_connections, max_chat_streams=args.max_chat_streams,
         system_prompt=args.system_prompt, stream_batch_window=args.stream_batch_window,
+        prefill_next_turn=None if args.prefill_next_turn is None else args.prefill_next_turn == "on",
     )

@@ -17,6 +17,9 @@ zenow_http_request_duration_seconds         histogram  method, route (until the 
                                                        headers: a stream's body not included)
 zenow_chat_streams_open                     gauge      (chats being answered on /api/chat)
 zenow_chat_tokens_generated_total           counter    (tokens of /api/chat replies)
+zenow_chat_prefills_total                   counter    (replies after which the next turn's prefix
+                                                       was read into llama-server's cache)
+zenow_chat_prefill_tokens_total             counter    (the tokens that took)
 zenow_chat_time_to_first_token_seconds      histogram  (from the request, a restart of an
                                                        idle llm server included)
 zenow_server_state                          stateset   mode, zenow_server_state (1 for the
@@ -63,6 +66,7 @@ __all__ = [
     "ServerMetricsSource",
     "download_bytes",
     "first_delta",
+    "next_turn_prefilled",
     "relabelled",
     "render",
     "request_answered",
@@ -97,6 +101,12 @@ _HTTP_SECONDS = Histogram(
 _CHAT_STREAMS = Gauge("zenow_chat_streams_open", "Chats (/api/chat) being answered now", registry=REGISTRY)
 _CHAT_TOKENS = Counter(
     "zenow_chat_tokens_generated", "Tokens generated for /api/chat replies (llama-server's usage count)",
+    registry=REGISTRY)
+_PREFILLS = Counter(
+    "zenow_chat_prefills", "Chats after whose reply llama-server read the next turn's prefix into its cache",
+    registry=REGISTRY)
+_PREFILL_TOKENS = Counter(
+    "zenow_chat_prefill_tokens", "Prompt tokens llama-server computed ahead for the next turn of a chat",
     registry=REGISTRY)
 _TTFT = Histogram(
     "zenow_chat_time_to_first_token_seconds",
@@ -156,6 +166,12 @@ def first_delta(received: list[bytes], since: float) -> None:
 def tokens_generated(count: int) -> None:
     if count > 0:
         _CHAT_TOKENS.inc(count)
+
+
+def next_turn_prefilled(tokens: int) -> None:
+    """llama-server read `tokens` of a session's next turn into its cache after a reply."""
+    _PREFILLS.inc()
+    _PREFILL_TOKENS.inc(max(tokens, 0))
 
 
 def server_starting(mode: str) -> None:

@@ -187,7 +187,8 @@ async def _run(
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(
                         "chat streamer", partial(ChatStreamerActor, store, servers["llm"],
-                                                  batch_window=settings.stream_batch_window)
+                                                  batch_window=settings.stream_batch_window,
+                                                  prefill_next_turn=settings.prefill_next_turn)
                     ),
                     max_streams=settings.max_chat_streams,
                 )

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeGuard, get_args
 
-__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Mode", "Settings", "is_mode", "stream_batch_window"]
+__all__ = ["MODES", "DEFAULT_SYSTEM_PROMPT", "DEFAULT_URLS", "Mode", "Settings", "is_mode", "on_or_off",
+           "stream_batch_window"]
 
 #: The three kinds of model zenow serves, each by its own llama-server child.
 Mode = Literal["llm", "embed", "rerank"]
@@ -63,6 +64,16 @@ def stream_batch_window(milliseconds: str) -> float:
         raise ValueError(f"the stream batch window must be 0 to {MAX_STREAM_BATCH_WINDOW * 1000:g} ms, "
                          f"not {milliseconds}")
     return value
+
+
+def on_or_off(text: str, name: str) -> bool:
+    """A switch's value from its text: on/off, 1/0, true/false, yes/no (any case)."""
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"{name} is on or off, not {text!r}")
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -125,6 +136,9 @@ class Settings:
     #: Seconds a streamed token may wait to share one read with the next ones, when the model is fast
     #: enough for that (`zenow.servers.batched_reads`); 0: each token is read as it comes.
     stream_batch_window: float = DEFAULT_STREAM_BATCH_WINDOW
+    #: After a chat's reply, have llama-server read the start of the session's next turn into its cache
+    #: (`zenow.chat._prefill`), so the next turn's first token comes sooner on a long conversation.
+    prefill_next_turn: bool = True
     #: Seconds a client may take to send a request's body before it is answered 408.
     read_timeout: float = 30.0
     #: Seconds a connection may sit idle, or take to send a request's headers, before it is closed.
@@ -174,6 +188,8 @@ class Settings:
             values["default_llm"] = Path(env["ZENOW_DEFAULT_LLM"])
         if env.get("ZENOW_STREAM_BATCH_MS"):
             values["stream_batch_window"] = stream_batch_window(env["ZENOW_STREAM_BATCH_MS"])
+        if env.get("ZENOW_PREFILL_NEXT_TURN"):
+            values["prefill_next_turn"] = on_or_off(env["ZENOW_PREFILL_NEXT_TURN"], "ZENOW_PREFILL_NEXT_TURN")
         values["search_path"] = env.get("PATH", "")
         values["cache_root"] = cache_root(env)
         values.update({k: v for k, v in overrides.items() if v is not None})

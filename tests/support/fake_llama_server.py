@@ -47,6 +47,7 @@ FAKE_LLAMA_CRASH_MID_STREAM=N after N tokens have been sent (stream) or
                               the stream's headers and role chunk.
 FAKE_LLAMA_TOKENIZE_DELAY=S   seconds /tokenize takes before answering (0).
 FAKE_LLAMA_TOKENIZE_DELAY_IF=TEXT  only when the content holds TEXT.
+FAKE_LLAMA_COMPLETION_DELAY=S seconds /completion takes to "read" its prompt (0).
 FAKE_LLAMA_EVENT_LOG=PATH     append one JSON object per line (see below).
 FAKE_LLAMA_IGNORE_SIGTERM=1   ignore SIGTERM (SIGINT still stops it).
 FAKE_LLAMA_KEEPALIVE_CLOSE=S  a kept-alive connection whose next request comes S
@@ -79,7 +80,15 @@ share one file).  Events:
   nothing more is logged for that request;
 - ``stream_finished`` {tokens_sent, finish_reason}: [DONE] written;
 - ``token_generated`` {n} and ``completion_finished`` {tokens, finish_reason}:
-  the same for non-streamed chat completions.
+  the same for non-streamed chat completions;
+- ``prompt_read`` {tokens}: a ``/completion`` request's prompt was "read" (it
+  answers right after).
+
+``/completion`` takes ``prompt`` (a string) and reads it like a chat prompt (it
+holds a slot meanwhile) but generates nothing, whatever ``n_predict`` says:
+``{"content": "", "tokens_evaluated": N, "tokens_predicted": 0, "stop": true,
+"timings": {"prompt_n": N, ...}}``, which is what the real server answers for
+``n_predict: 0`` on a prompt it has not cached.
 
 Fake tokenizer
 --------------
@@ -292,6 +301,7 @@ class State:
         self.token_delay = max(_env_float("FAKE_LLAMA_TOKEN_DELAY", 0.01), 0.0)
         self.tokenize_delay = max(_env_float("FAKE_LLAMA_TOKENIZE_DELAY", 0.0), 0.0)
         self.tokenize_delay_if = os.environ.get("FAKE_LLAMA_TOKENIZE_DELAY_IF", "")
+        self.completion_delay = max(_env_float("FAKE_LLAMA_COMPLETION_DELAY", 0.0), 0.0)
         self.crash_mid_stream = _env_int("FAKE_LLAMA_CRASH_MID_STREAM")
         self.without = {p.strip() for p in os.environ.get("FAKE_LLAMA_WITHOUT", "").split(",") if p.strip()}
         self.keepalive_close = _env_float("FAKE_LLAMA_KEEPALIVE_CLOSE", 0.0)
@@ -770,6 +780,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- chat --------------------------------------------------------------
 
+    def post_completion(self, body):
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(400, error_body('"prompt" must be a string', "invalid_request_error", 400))
+        n_prompt = count_tokens(prompt)
+        if n_prompt >= self.state.opts["n_ctx_slot"]:
+            raise RequestError(400, error_body("the prompt exceeds the available context size",
+                                               "exceed_context_size_error", 400))
+        with self.state.slots:
+            time.sleep(self.state.completion_delay)
+        self.state.events.emit("prompt_read", tokens=n_prompt)
+        self.send_json(200, {"content": "", "tokens_evaluated": n_prompt, "tokens_predicted": 0, "stop": True,
+                             "timings": {"cache_n": 0, "prompt_n": n_prompt, "predicted_n": 0}})
+
     def post_chat(self, body):
         st = self.state
         o = st.opts
@@ -933,6 +957,7 @@ ROUTES = {
     ("POST", "/tokenize"): Handler.post_tokenize,
     ("POST", "/detokenize"): Handler.post_detokenize,
     ("POST", "/apply-template"): Handler.post_apply_template,
+    ("POST", "/completion"): Handler.post_completion,
     ("POST", "/chat/completions"): Handler.post_chat,
     ("POST", "/v1/chat/completions"): Handler.post_chat,
     ("POST", "/embedding"): Handler.post_embedding,

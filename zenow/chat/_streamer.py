@@ -18,6 +18,10 @@ The request's messages are counted and stored while the reply streams, always be
 the reply is saved; the reply's count is llama-server's own `usage`.  Deltas pass from
 llama-server to the consumer as bytes (`_upstream`).
 
+After a reply that ended well, and once the client has its end, the streamer has llama-server read
+the start of the session's next turn into its cache (`_prefill`), still under the session's lock:
+the next turn on the session computes only its own message.
+
 When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
 to llama-server is closed at once (generation stops, the slot is freed) and the
 partial reply is saved.  When llama-server fails mid-stream the consumer gets
@@ -55,6 +59,7 @@ from ..settings import DEFAULT_STREAM_BATCH_WINDOW
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
+from ._prefill import prefill
 from ._prompt import Turn, history_in_steps
 from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
 
@@ -75,6 +80,8 @@ SPECIAL_TOKENS_MARGIN = 8
 STORE_DEADLINE = 30.0
 #: Seconds the request's messages wait, once the first token came, for its delivery to the client.
 DELIVERY_WAIT = 0.05
+#: Seconds the next turn's prefill may take (the session's next chat waits for it meanwhile).
+PREFILL_DEADLINE = 30.0
 
 
 @dataclass(frozen=True)
@@ -161,10 +168,11 @@ class ChatStreamerActor(Actor):
     counted with one batched `/tokenize` call per chat."""
 
     def __init__(self, store: Store, llm: ServerHandle, read_timeout: float = 600.0,
-                 batch_window: float = DEFAULT_STREAM_BATCH_WINDOW) -> None:
+                 batch_window: float = DEFAULT_STREAM_BATCH_WINDOW, prefill_next_turn: bool = True) -> None:
         self.store = store
         self.llm = llm
         self._batch_window = batch_window
+        self._prefill_next_turn = prefill_next_turn
         self._sessions: dict[int, _SessionChats] = {}
         #: (endpoint, system prompt, its token count): the one count every chat needs.
         self._system_count: tuple[str, str, int] | None = None
@@ -353,15 +361,23 @@ class ChatStreamerActor(Actor):
                     await send.send(Failed(str(exc)))
                 return
             try:
-                await self._generate_leased(prepared, status, send, scope, reread=reread)
+                conversation = await self._generate_leased(prepared, status, send, scope, reread=reread)
+                send.close()  # the client has the whole reply; the session's next chat waits for the prefill
+                if conversation is not None:
+                    with trio.move_on_after(PREFILL_DEADLINE):
+                        computed = await prefill(self._http, status, conversation)
+                        if computed is not None:
+                            metrics.next_turn_prefilled(computed)
             finally:
                 lease.release()
 
     async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
                                send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
-                               *, reread: bool) -> None:
+                               *, reread: bool) -> list[dict[str, str]] | None:
         """Read the history, stream the reply from `status`'s server into `send` while the
-        request's messages are counted and stored, then save the reply.
+        request's messages are counted and stored, then save the reply.  Returns the
+        conversation to prefill the next turn with (`_prefill`): the prompt and the reply,
+        when the reply ended well and is stored and the server is zenow's own llama-server.
 
         `reread`: the session may have changed since `_prepare` read it (another chat on it).
         """
@@ -380,7 +396,7 @@ class ChatStreamerActor(Actor):
         except ZenowError as exc:
             with trio.move_on_after(1):
                 await send.send(Failed(str(exc)))
-            return
+            return None
         messages = [*([prepared.system] if prepared.system else []), *history]
         prompt = [{"role": t.role, "content": t.content} for t in messages]
         prompt += [{"role": role, "content": content} for role, content in request.messages]
@@ -388,6 +404,7 @@ class ChatStreamerActor(Actor):
         parts: list[bytes] = []
         failures: list[ZenowError] = []
         closing: StreamEvent | None = None
+        saved: str | None = None
         generating = trio.Event()
         try:
             async with trio.open_nursery() as storing:
@@ -403,12 +420,16 @@ class ChatStreamerActor(Actor):
         finally:
             if not failures:  # the request is stored: its reply follows it
                 with trio.CancelScope(shield=True):
-                    await self._save_reply(request.session_id, parts, reader)
+                    saved = await self._save_reply(request.session_id, parts, reader)
         if failures:
             closing = Failed(str(failures[0]))
         if closing is not None:  # sent after the save: a client that saw the end finds the reply stored
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await send.send(closing)
+        if (isinstance(closing, Finished) and saved is not None and self._prefill_next_turn
+                and status.backend_url is None):
+            return [*prompt, {"role": "assistant", "content": saved}]
+        return None
 
     async def _store_request(self, prepared: _Prepared, server: ServerStatus, scope: trio.CancelScope,
                              failures: list[ZenowError], generating: trio.Event) -> None:
@@ -471,10 +492,11 @@ class ChatStreamerActor(Actor):
         except MalformedStream as exc:
             return Failed(f"llama-server sent malformed data: {exc}")
 
-    async def _save_reply(self, session_id: int, parts: list[bytes], reader: ReplyReader) -> None:
-        """Store the reply streamed so far, counted by llama-server's `usage` (or one token a delta)."""
+    async def _save_reply(self, session_id: int, parts: list[bytes], reader: ReplyReader) -> str | None:
+        """Store the reply streamed so far, counted by llama-server's `usage` (or one token a delta);
+        the content stored, or None when there was none or it could not be stored."""
         if not parts:
-            return
+            return None
         content = decode_literal(b"".join(parts))
         usage = reader.usage or {}
         tokens = usage.get("completion_tokens")
@@ -485,6 +507,8 @@ class ChatStreamerActor(Actor):
             await self.store.add_message(session_id, "assistant", content, tokens)
         except Exception:  # never lose the stream over the save; say so loudly
             log.exception("could not save the assistant reply of session %d", session_id)
+            return None
+        return content
 
 
 def _surely_fits(texts: list[str], room: int) -> bool:

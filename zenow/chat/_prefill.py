@@ -1,0 +1,64 @@
+"""Reading the next turn's prefix into llama-server's cache while the user reads the reply.
+
+After a reply, the slot that generated it holds the conversation up to the reply's last
+token.  The next turn's prompt goes on with text the model never computed: the end of
+the reply's message and the start of the next user message (ChatML: `<|im_end|>`,
+`<|im_start|>user`, newlines), and whatever of the reply the chat template renders
+differently from how it was generated.  On a long conversation each of those tokens
+attends to the whole history, and they are on the next first token's way.
+
+`next_turn_prefix` renders the conversation with a placeholder user message through the
+model's own chat template (llama-server's `/apply-template`) and keeps what comes before
+the placeholder: the text every next turn's prompt starts with, whatever the user writes.
+`prefill` has llama-server read it (`/completion` with `n_predict: 0`, which evaluates the
+prompt into the slot's cache and generates nothing): the slot holding the conversation is
+the one llama-server picks, by the longest common prefix.  The next turn then computes
+only its own message.  The chat streamer does this under the session's lock, after the
+client got the reply's end (see `_streamer`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from ..servers import ServerStatus
+
+__all__ = ["PLACEHOLDER", "next_turn_prefix", "prefill"]
+
+log = logging.getLogger(__name__)
+
+#: The next user message's stand-in: text no template changes and no conversation holds.
+PLACEHOLDER = "<<zenow: the next message>>"
+
+
+def next_turn_prefix(rendered: str) -> str | None:
+    """What `rendered` (the conversation and a `PLACEHOLDER` user message, through the chat
+    template) holds before the placeholder; None when the template did not keep it."""
+    at = rendered.rfind(PLACEHOLDER)
+    return rendered[:at] if at > 0 else None
+
+
+async def prefill(http: httpx.AsyncClient, server: ServerStatus, conversation: list[dict[str, Any]]) -> int | None:
+    """Have `server` read the prompt every next turn of `conversation` starts with into its
+    cache; the tokens it computed, or None when it did not (a server without the routes, an
+    error: logged, never raised but for cancellation)."""
+    endpoint, headers = server.endpoint, server.auth_headers()
+    try:
+        rendered = await http.post(f"{endpoint}/apply-template", headers=headers, json={
+            "messages": [*conversation, {"role": "user", "content": PLACEHOLDER}]})
+        rendered.raise_for_status()
+        prefix = next_turn_prefix(rendered.json()["prompt"])
+        if prefix is None:
+            log.debug("the chat template drops or changes the placeholder: no prefill")
+            return None
+        read = await http.post(f"{endpoint}/completion", headers=headers, json={
+            "prompt": prefix, "n_predict": 0, "cache_prompt": True})
+        read.raise_for_status()
+        computed = read.json().get("timings", {}).get("prompt_n")
+        return computed if isinstance(computed, int) else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.debug("prefilling the next turn failed: %s", exc)
+        return None
