@@ -403,6 +403,27 @@ async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, A
     return Timed(first, time.perf_counter() - started, deltas, tokens or deltas)
 
 
+def prefilling(args: argparse.Namespace) -> bool:
+    """Whether the zenow a benchmark starts prefills the next turn after a chat's reply (on by default)."""
+    return not any(arg.replace(" ", "=") == "--prefill-next-turn=off" for arg in args.zenow_arg)
+
+
+async def prefill_count(http: httpx.AsyncClient) -> float:
+    """The next-turn prefills zenow has done (its `/metrics`)."""
+    text = (await http.get("/metrics")).text
+    found = re.search(r"^zenow_chat_prefills_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def prefills_done(http: httpx.AsyncClient, expected: float, timeout: float = 5.0) -> None:
+    """Wait (at most `timeout` s) until zenow has done `expected` prefills in all: after a chat's reply
+    zenow has llama-server read the start of the next turn, and the next leg must not share the CPU
+    with that (it would slow the baseline down)."""
+    with trio.move_on_after(timeout):
+        while await prefill_count(http) < expected:  # noqa: ASYNC110 (another process: nothing to wait on)
+            await trio.sleep(0.005)
+
+
 def client(base_url: str = "", timeout: float = 600) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False,
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=128,

@@ -6,10 +6,14 @@ Starts `zenow serve` with SmolLM2 (context_size 2048 per conversation, so the hi
 sends one chat to a fresh session and the next turn to the long one (32 tokens each).  With the
 history trimmed in steps (zenow/chat/_prompt.py) the long session's prompt keeps its prefix from
 turn to turn, so llama-server reuses its cached tokens and computes only the new ones; at a step
-(old messages dropped) it computes the whole history once.
+(old messages dropped) it computes the whole history once.  After each reply zenow has llama-server read
+the start of the next turn (the reply's end and the next user message's start) into its cache
+(`--prefill-next-turn`, on by default; `--zenow-arg=--prefill-next-turn=off` to compare); each chat
+follows the previous one after `--pause` seconds, as a user reads a reply before writing, which also
+keeps each measured first token clear of the previous chat's prefill.
 
     python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
-        [--model GGUF|synthetic]
+        [--model GGUF|synthetic] [--pause S]
 
 `--model synthetic`: a random-weight llama about three times slower than SmolLM2 (see chat_overhead); its
 byte-level tokenizer makes every text about four times as many tokens.
@@ -66,7 +70,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await zenow.stop()
         # what llama-server computed for each prompt (its log is complete once zenow stopped)
         log = (Path(home) / "logs" / "llama-server-llm.log").read_text(errors="replace")
-        computed = [int(n) for n in re.findall(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens", log)]
+        prompts = {int(task): int(n) for task, n in
+                   re.findall(r"task (\d+) \| prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens", log)}
+        generated = {int(task): float(ms) for task, ms in re.findall(r"task (\d+) \|\s+eval time =\s+([\d.]+) ms", log)}
+        # in the order of the tasks; a prefill (n_predict 0) generates nothing: its eval time is 0
+        computed = [prompts[task] for task in sorted(prompts) if generated.get(task, 1.0) > 0]
         order = [kind for n in range(args.turns) for kind in (("fresh", "long") if n % 2 == 0 else ("long", "fresh"))]
         tail = computed[-len(order):] if len(computed) >= len(order) else []
         results["long_computed_prompt_tokens"] = [c for c, k in zip(tail, order, strict=False) if k == "long"]
@@ -85,6 +93,7 @@ async def measure(args: argparse.Namespace, http: Any) -> dict[str, Any]:
     stored = total.get("total_tokens")
 
     async def turn(sid: int, n: int) -> float:
+        await trio.sleep(args.pause)
         timed = await timed_stream(http, "/api/chat", {
             "session_id": sid, "stream": True, "temperature": 0.0, "max_tokens": args.tokens,
             "messages": [{"role": "user", "content": f"Question {n}: what happened at the mill next?"}]})
@@ -103,7 +112,7 @@ async def measure(args: argparse.Namespace, http: Any) -> dict[str, Any]:
             long.append(await turn(long_sid, n))
             fresh.append(await turn(sid, n))
     return {"turns": args.turns, "tokens": args.tokens, "context_size": CONTEXT, "stored_tokens": stored,
-            "flash_attn": args.flash_attn,
+            "flash_attn": args.flash_attn, "pause": args.pause, "zenow_args": args.zenow_arg,
             "fresh_first_ms": fresh, "long_first_ms": long,
             "ratio": [lg / fr for lg, fr in zip(long, fresh, strict=True)]}
 
@@ -122,7 +131,8 @@ def render(results: dict[str, Any]) -> str:
     head = (f"Long conversations: context {results['context_size']} per conversation (history budget "
             f"{results['context_size'] // 2}), a session holding {results['stored_tokens']} tokens, "
             f"{results['turns']} turns of {results['tokens']} tokens, {results.get('model', 'SmolLM2-135M')}, "
-            f"flash_attn {results.get('flash_attn', 'auto')}\n\n")
+            f"flash_attn {results.get('flash_attn', 'auto')}, {results.get('pause', 0):g} s between chats"
+            f"{', zenow ' + ' '.join(results['zenow_args']) if results.get('zenow_args') else ''}\n\n")
     return head + table(["turn", "fresh session first token ms", "long session first token ms", "ratio",
                          "fresh: prompt tokens computed", "long: prompt tokens computed"], rows) + (
         f"\n\nturns over 1.5x: {over} of {len(ratio)}")
@@ -134,6 +144,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--exchanges", type=int, default=40, help="stored exchanges (about 75 tokens each)")
     parser.add_argument("--quick", action="store_true", help="6 turns")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between chats (a user reading)")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the llm's flash_attn parameter (auto: llama-server's choice, on for the CPU)")
     add_model_option(parser)

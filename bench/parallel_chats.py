@@ -35,6 +35,9 @@ from _common import (
     llm_model,
     median,
     p90,
+    prefill_count,
+    prefilling,
+    prefills_done,
     run_and_record,
     same_flags_other_port,
     start_llama_server,
@@ -74,7 +77,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await zenow.stop()
 
 
-async def one_batch(http: Any, path: str, llama_url: str, count: int, tokens: int) -> dict[str, float]:
+async def one_batch(http: Any, path: str, llama_url: str, count: int, tokens: int,
+                    prefills: bool = False) -> dict[str, float]:
+    """`count` chats at once; with `prefills`, waits for zenow's prefills after them before returning."""
     timings: list[Any] = []
 
     async def chat(n: int) -> None:
@@ -91,7 +96,9 @@ async def one_batch(http: Any, path: str, llama_url: str, count: int, tokens: in
                 "temperature": 0.0, "max_tokens": tokens}))
 
     sessions: list[int] = []
+    prefilled = 0.0
     if path != "llama-server":
+        prefilled = await prefill_count(http) if prefills else 0.0
         sessions = [(await http.post("/api/sessions", json={"first_message": "bench"})).json()["session_id"]
                     for _ in range(count)]
     started = time.perf_counter()
@@ -99,6 +106,8 @@ async def one_batch(http: Any, path: str, llama_url: str, count: int, tokens: in
         for n in range(count):
             nursery.start_soon(chat, n)
     elapsed = time.perf_counter() - started
+    if prefills and path != "llama-server":
+        await prefills_done(http, prefilled + count)
     return {"tokens_per_s": sum(t.tokens for t in timings) / elapsed,
             "worst_first_ms": max(t.first for t in timings) * 1000}
 
@@ -107,12 +116,12 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
     paths = ["llama-server", "/api/chat"]
     results: dict[str, Any] = {"rounds": args.rounds, "tokens": args.tokens, "counts": {}}
     await one_batch(http, "llama-server", llama_url, 2, 8)  # warm up
-    await one_batch(http, "/api/chat", llama_url, 2, 8)
+    await one_batch(http, "/api/chat", llama_url, 2, 8, prefilling(args))
     for count in args.counts:
         samples: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
         for round_ in range(args.rounds):
             for path in (paths if round_ % 2 == 0 else paths[::-1]):
-                samples[path].append(await one_batch(http, path, llama_url, count, args.tokens))
+                samples[path].append(await one_batch(http, path, llama_url, count, args.tokens, prefilling(args)))
         share = [z["tokens_per_s"] / b["tokens_per_s"]
                  for z, b in zip(samples["/api/chat"], samples["llama-server"], strict=True)]
         first = [z["worst_first_ms"] / b["worst_first_ms"]

@@ -13,8 +13,10 @@ the placeholder: the text every next turn's prompt starts with, whatever the use
 `prefill` has llama-server read it (`/completion` with `n_predict: 0`, which evaluates the
 prompt into the slot's cache and generates nothing): the slot holding the conversation is
 the one llama-server picks, by the longest common prefix.  The next turn then computes
-only its own message.  The chat streamer does this under the session's lock, after the
-client got the reply's end (see `_streamer`).
+only its own message (unless the session outgrew its history budget and the next turn
+drops old messages, `_prompt`: then it computes the history again, prefill or not).  The
+chat streamer does this under the session's lock, after the client got the reply's end
+(see `_streamer`).
 """
 
 from __future__ import annotations
