@@ -122,11 +122,14 @@ async def test_the_key_is_kept_in_a_private_file_and_never_shown(nursery, settin
                 async for line in response.aiter_lines():
                     events.append(line)
 
-        listening = trio.CancelScope()
+        listening, stopped = trio.CancelScope(), trio.Event()
 
         async def listen_until_cancelled() -> None:
-            with listening:
-                await listen()
+            try:
+                with listening:
+                    await listen()
+            finally:
+                stopped.set()
 
         nursery.start_soon(listen_until_cancelled)
         await wait_for(lambda: _true(events), what="the events' snapshot")
@@ -152,6 +155,7 @@ async def test_the_key_is_kept_in_a_private_file_and_never_shown(nursery, settin
         assert params["backend_api_key_set"] is False and params["backend_url"] == remote.url
         assert "refused the key" in (await wait_status(client, "error"))["error_message"]
         listening.cancel()
+        await stopped.wait()  # before the client closes: a read on its closed socket is an error, not a cancel
     database = (settings.home / "zenow.db").read_bytes() + b"".join(
         p.read_bytes() for p in settings.home.glob("zenow.db-*"))
     assert KEY.encode() not in database
