@@ -8,7 +8,7 @@ import time
 import pytest
 import trio
 
-from tests.support.harness import make_settings, start_zenow, wait_for
+from tests.support.harness import make_settings, respawn, start_zenow, wait_for
 from tests.support.llama import FAKE_LLAMA_SERVER
 from tests.support.llama import fake_events as events
 from tests.support.tiny_models import write_stub_model
@@ -23,14 +23,6 @@ async def fake(nursery, tmp_path, event_log):
     async with start_zenow(nursery, settings) as zenow:
         assert (await zenow.client.post("/api/models/load", json={"model_name": "fake"})).status_code == 200
         yield zenow
-
-
-async def respawn(zenow):
-    """Restart the fake child (a server parameter change does) so it takes the test's FAKE_LLAMA_* environment."""
-    batch = (await zenow.client.get("/api/models/get_param")).json()["batch_size"]
-    answer = await zenow.client.post("/api/models/update_param", json={"batch_size": 256 if batch == 512 else 512})
-    assert answer.json()["requires_restart"] is True
-    assert (await zenow.client.get("/api/server/status")).json()["status"] == "running"
 
 
 async def session(client):

@@ -11,7 +11,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fake_llama_server import render_chat
-from tests.support.harness import make_settings, start_zenow, wait_for, wait_status
+from tests.support.harness import make_settings, respawn, start_zenow, wait_for, wait_status
 from tests.support.llama import FAKE_LLAMA_SERVER, child_auth, child_url
 from tests.support.llama import fake_events as events
 from tests.support.tiny_models import write_stub_model
@@ -137,13 +137,6 @@ async def test_the_reply_ends_first_and_only_the_sessions_next_chat_waits_for_th
     asked = {e["body"]["messages"][-1]["content"]: e["time"] for e in requests(event_log, "/v1/chat/completions")}
     assert asked["second"] >= read["time"]  # the session's next chat waited for its prefill
     assert asked["elsewhere"] < read["time"]  # another session's did not
-
-
-async def respawn(zenow) -> None:
-    """Restart the fake child (a server parameter change does) so that it takes the test's environment."""
-    answer = await zenow.client.post("/api/models/update_param", json={"batch_size": 256})
-    assert answer.json()["requires_restart"] is True
-    assert (await zenow.client.get("/api/server/status")).json()["status"] == "running"
 
 
 async def test_a_server_without_the_routes_chats_as_before(fake, event_log, monkeypatch):

@@ -64,6 +64,15 @@ async def start_zenow(nursery: trio.Nursery, settings: Settings) -> AsyncIterato
             await stopped.wait()
 
 
+async def respawn(zenow: RunningZenow) -> None:
+    """Restart the llm's fake child (a server parameter change does) so that it takes the test's
+    FAKE_LLAMA_* environment."""
+    batch = (await zenow.client.get("/api/models/get_param")).json()["batch_size"]
+    answer = await zenow.client.post("/api/models/update_param", json={"batch_size": 256 if batch == 512 else 512})
+    assert answer.json()["requires_restart"] is True
+    assert (await zenow.client.get("/api/server/status")).json()["status"] == "running"
+
+
 async def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll an async `predicate` until it returns a truthy value; fail after `timeout`."""
     with trio.move_on_after(timeout):
