@@ -1,5 +1,7 @@
 """Benchmark 4, long conversations: time to first token on turns 1-20 of a session whose history is
-far over its budget (half the context), against a fresh session's first turn, alternating.
+far over its budget (half the context), against a fresh session's first turn, alternating; and in the
+same run the same two kinds of turn sent straight to llama-server (started with the flags zenow gives its
+child), the baseline: what llama-server itself gives a deep turn against a fresh one.
 
 Starts `zenow serve` with SmolLM2 (context_size 2048 per conversation, so the history budget is
 1,024 tokens), fills one session with about 3x the budget of stored messages, then for each turn
@@ -12,20 +14,31 @@ the start of the next turn (the reply's end and the next user message's start) i
 follows the previous one after `--pause` seconds, as a user reads a reply before writing, which also
 keeps each measured first token clear of the previous chat's prefill.
 
+The baseline's long conversation is zenow's: before each turn the benchmark reads the long session's stored
+messages and picks its history as zenow does (`zenow.chat._prompt.history_in_steps`, the stored token counts),
+so llama-server gets the very prompts zenow sends, with the same system prompt and options; after its reply,
+when zenow prefills, the benchmark reads the next turn's start into the baseline's cache the same way
+(`/apply-template` cut at a placeholder, `/completion` with `n_predict: 0`).  The baseline is llama-server at
+its best on the same conversation, so "long / fresh" on the baseline is the floor a server in front of it can
+reach, and "zenow long / llama-server long" what zenow adds at depth.
+
     python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
         [--model GGUF|synthetic] [--pause S]
 
 `--model synthetic`: a random-weight llama about three times slower than SmolLM2 (see chat_overhead); its
 byte-level tokenizer makes every text about four times as many tokens.
 
-Target (issue 11): turn N of the long session within 1.5x the first-token time of a short one.
+Target (issue 11): turn N of the long session within 1.5x the first-token time of a short one; the
+baseline's own ratio, in the same table, is what llama-server itself allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +49,23 @@ from _common import (
     client,
     fmt,
     llama_server_binary,
+    llm_child_argv,
     llm_model,
     median,
     p90,
+    prefilling,
     run_and_record,
+    same_flags_other_port,
+    start_llama_server,
     start_zenow,
     table,
     timed_stream,
     wait_llm_running,
     zenow_env,
 )
+
+from zenow.chat._prefill import PLACEHOLDER, next_turn_prefix
+from zenow.chat._prompt import Turn, history_in_steps
 
 CONTEXT = 2048
 FILLER = ("In the valley the river turned twice before the old mill, where the miller kept a ledger of "
@@ -65,7 +85,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await http.post("/api/models/update_param",
                                     json={"context_size": CONTEXT, "flash_attn": args.flash_attn})
                     await wait_llm_running(http)
-                    results = await measure(args, http)
+                    argv = await llm_child_argv(zenow)  # the child started with CONTEXT
+                    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
+                    try:
+                        results = await measure(args, http, baseline.url)
+                        results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
+                    finally:
+                        await baseline.stop()
             finally:
                 await zenow.stop()
         # what llama-server computed for each prompt (its log is complete once zenow stopped)
@@ -83,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         return results
 
 
-async def measure(args: argparse.Namespace, http: Any) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[str, Any]:
     long_sid = (await http.post("/api/sessions", json={"first_message": "long"})).json()["session_id"]
     for i in range(args.exchanges):
         await http.post(f"/api/sessions/{long_sid}/messages", json={"role": "user", "content": f"Part {i}: {FILLER}"})
@@ -91,51 +117,137 @@ async def measure(args: argparse.Namespace, http: Any) -> dict[str, Any]:
                         json={"role": "assistant", "content": f"Noted {i}. {FILLER}"})
     total = (await http.get(f"/api/sessions/{long_sid}")).json()
     stored = total.get("total_tokens")
+    params = (await http.get("/api/models/get_param", params={"mode": "llm"})).json()
+    system_prompt = params.get("system_prompt") or ""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    system_count = len((await http.post(f"{llama_url}/tokenize", json={"content": system_prompt})).json()["tokens"])
+    options = {"temperature": 0.0, "repeat_penalty": params["repeat_penalty"], "max_tokens": args.tokens}
+
+    def question(n: int) -> dict[str, str]:
+        return {"role": "user", "content": f"Question {n}: what happened at the mill next?"}
 
     async def turn(sid: int, n: int) -> float:
         await trio.sleep(args.pause)
         timed = await timed_stream(http, "/api/chat", {
             "session_id": sid, "stream": True, "temperature": 0.0, "max_tokens": args.tokens,
-            "messages": [{"role": "user", "content": f"Question {n}: what happened at the mill next?"}]})
+            "messages": [question(n)]})
         return timed.first * 1000
+
+    async def direct(messages: list[dict[str, str]], *, read_ahead: bool = False) -> tuple[float, int]:
+        """`messages` straight to llama-server: ms to the first content and the prompt tokens it computed;
+        with `read_ahead`, then the next turn's start read into its cache as zenow does."""
+        await trio.sleep(args.pause)
+        started = time.perf_counter()
+        first, computed = 0.0, -1
+        reply: list[str] = []
+        async with http.stream("POST", f"{llama_url}/v1/chat/completions", headers={"Connection": "close"}, json={
+                "messages": messages, "stream": True, "stream_options": {"include_usage": True}, **options}) as answer:
+            async for line in answer.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                content = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
+                if content and not first:
+                    first = time.perf_counter() - started
+                reply.append(content)
+                computed = chunk.get("timings", {}).get("prompt_n", computed)
+        if read_ahead:
+            rendered = await http.post(f"{llama_url}/apply-template", json={"messages": [
+                *messages, {"role": "assistant", "content": "".join(reply)}, {"role": "user", "content": PLACEHOLDER}]})
+            prefix = next_turn_prefix(rendered.json()["prompt"])
+            if prefix is not None:
+                await http.post(f"{llama_url}/completion",
+                                json={"prompt": prefix, "n_predict": 0, "cache_prompt": True})
+        return first * 1000, computed
+
+    async def long_prompt(n: int) -> list[dict[str, str]]:
+        """What zenow sends for the long session's next turn: its history picked as zenow picks it."""
+        listing = (await http.get(f"/api/sessions/{long_sid}/messages")).json()
+        newest_first = [Turn(m["role"], m["content"], m["token_count"]) for m in reversed(listing["messages"])]
+        history = history_in_steps(CONTEXT // 2 - system_count, listing["total_tokens"], newest_first)
+        return [*system, *({"role": t.role, "content": t.content} for t in history), question(n)]
 
     fresh_warm = (await http.post("/api/sessions", json={"first_message": "w"})).json()["session_id"]
     await turn(fresh_warm, 0)
+    await direct([*system, question(0)])
+    read_ahead = prefilling(args)
     fresh: list[float] = []
     long: list[float] = []
+    direct_fresh: list[float] = []
+    direct_long: list[float] = []
+    direct_computed: list[int] = []
     for n in range(args.turns):
         sid = (await http.post("/api/sessions", json={"first_message": "short"})).json()["session_id"]
-        if n % 2 == 0:
+        prompt = await long_prompt(n)
+
+        async def zenow_fresh(n: int = n, sid: int = sid) -> None:
             fresh.append(await turn(sid, n))
+
+        async def zenow_long(n: int = n) -> None:
             long.append(await turn(long_sid, n))
-        else:
-            long.append(await turn(long_sid, n))
-            fresh.append(await turn(sid, n))
+
+        async def direct_fresh_leg(n: int = n) -> None:
+            direct_fresh.append((await direct([*system, question(n)]))[0])
+
+        async def direct_long_leg(prompt: list[dict[str, str]] = prompt) -> None:
+            first, computed = await direct(prompt, read_ahead=read_ahead)
+            direct_long.append(first)
+            direct_computed.append(computed)
+
+        # alternating: zenow's legs first on even turns, each side's fresh leg first on even turns
+        # (the attribution of zenow's computed tokens in `run` follows this order)
+        zenow_legs = (zenow_fresh, zenow_long) if n % 2 == 0 else (zenow_long, zenow_fresh)
+        direct_legs = (direct_fresh_leg, direct_long_leg) if n % 2 == 0 else (direct_long_leg, direct_fresh_leg)
+        for leg in ((*zenow_legs, *direct_legs) if n % 2 == 0 else (*direct_legs, *zenow_legs)):
+            await leg()
     return {"turns": args.turns, "tokens": args.tokens, "context_size": CONTEXT, "stored_tokens": stored,
             "flash_attn": args.flash_attn, "pause": args.pause, "zenow_args": args.zenow_arg,
             "fresh_first_ms": fresh, "long_first_ms": long,
-            "ratio": [lg / fr for lg, fr in zip(long, fresh, strict=True)]}
+            "ratio": [lg / fr for lg, fr in zip(long, fresh, strict=True)],
+            "direct_fresh_first_ms": direct_fresh, "direct_long_first_ms": direct_long,
+            "direct_ratio": [lg / fr for lg, fr in zip(direct_long, direct_fresh, strict=True)],
+            "direct_long_computed_prompt_tokens": direct_computed, "direct_read_ahead": read_ahead}
 
 
 def render(results: dict[str, Any]) -> str:
     fresh, long, ratio = results["fresh_first_ms"], results["long_first_ms"], results["ratio"]
+    d_fresh, d_long = results.get("direct_fresh_first_ms") or [], results.get("direct_long_first_ms") or []
+    d_ratio = results.get("direct_ratio") or []
     long_computed = results.get("long_computed_prompt_tokens") or []
     fresh_computed = results.get("fresh_computed_prompt_tokens") or []
-    rows = [[str(n + 1), fmt(f, 0), fmt(lg, 0), fmt(r, 2) + "x",
-             str(fresh_computed[n]) if n < len(fresh_computed) else "-",
-             str(long_computed[n]) if n < len(long_computed) else "-"]
-            for n, (f, lg, r) in enumerate(zip(fresh, long, ratio, strict=True))]
-    rows.append(["median", fmt(median(fresh), 0), fmt(median(long), 0), fmt(median(ratio), 2) + "x", "", ""])
-    rows.append(["p90", fmt(p90(fresh), 0), fmt(p90(long), 0), fmt(p90(ratio), 2) + "x", "", ""])
+    d_computed = results.get("direct_long_computed_prompt_tokens") or []
+
+    def cell(values: list[Any], n: int, digits: int = 0, unit: str = "") -> str:
+        if n >= len(values):
+            return "-"
+        return fmt(values[n], digits) + unit if isinstance(values[n], float) else str(values[n])
+
+    rows = [[str(n + 1), cell(fresh, n), cell(long, n), cell(ratio, n, 2, "x"),
+             cell(d_fresh, n), cell(d_long, n), cell(d_ratio, n, 2, "x"),
+             cell(fresh_computed, n), cell(long_computed, n), cell(d_computed, n)]
+            for n in range(len(fresh))]
+    for name, pick in (("median", median), ("p90", p90)):
+        rows.append([name, fmt(pick(fresh), 0), fmt(pick(long), 0), fmt(pick(ratio), 2) + "x",
+                     fmt(pick(d_fresh), 0) if d_fresh else "-", fmt(pick(d_long), 0) if d_long else "-",
+                     fmt(pick(d_ratio), 2) + "x" if d_ratio else "-", "", "", ""])
     over = sum(r > 1.5 for r in ratio)
     head = (f"Long conversations: context {results['context_size']} per conversation (history budget "
             f"{results['context_size'] // 2}), a session holding {results['stored_tokens']} tokens, "
             f"{results['turns']} turns of {results['tokens']} tokens, {results.get('model', 'SmolLM2-135M')}, "
             f"flash_attn {results.get('flash_attn', 'auto')}, {results.get('pause', 0):g} s between chats"
-            f"{', zenow ' + ' '.join(results['zenow_args']) if results.get('zenow_args') else ''}\n\n")
-    return head + table(["turn", "fresh session first token ms", "long session first token ms", "ratio",
-                         "fresh: prompt tokens computed", "long: prompt tokens computed"], rows) + (
-        f"\n\nturns over 1.5x: {over} of {len(ratio)}")
+            f"{', zenow ' + ' '.join(results['zenow_args']) if results.get('zenow_args') else ''}; "
+            f"the baseline is llama-server sent the same prompts"
+            f"{' with the next turn read ahead' if results.get('direct_read_ahead') else ''}\n\n")
+    text = head + table(["turn", "zenow fresh first token ms", "zenow long first token ms", "zenow ratio",
+                         "llama-server fresh ms", "llama-server long ms", "llama-server ratio",
+                         "zenow fresh: prompt tokens computed", "zenow long: computed",
+                         "llama-server long: computed"], rows) + f"\n\nzenow turns over 1.5x: {over} of {len(ratio)}"
+    if d_long:
+        added = [z / d for z, d in zip(long, d_long, strict=False)]
+        text += (f"; llama-server's own turns over 1.5x: {sum(r > 1.5 for r in d_ratio)} of {len(d_ratio)}; "
+                 f"zenow's long turn over llama-server's: {fmt(median(added), 2)}x p50 "
+                 f"({fmt(median(long) - median(d_long), 1)} ms)")
+    return text
 
 
 def main() -> None:
