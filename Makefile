@@ -26,10 +26,10 @@ test: install llama-server $(SMOLLM2) $(MINILM) chromium check
 test-fast: install
 	$(PY) -m pytest -m "not real_llama" -q
 
-# Static checks: mypy (strict) over zenow/, ruff over zenow/ and tests/.
+# Static checks: mypy (strict) over zenow/, ruff over zenow/, tests/ and bench/.
 check: install
 	$(PY) -m mypy
-	$(PY) -m ruff check zenow tests
+	$(PY) -m ruff check zenow tests bench
 
 install: $(INSTALLED)
 

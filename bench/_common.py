@@ -84,7 +84,8 @@ def machine() -> dict[str, Any]:
 def add_run_options(parser: argparse.ArgumentParser, name: str, *, timeout: float = 900) -> None:
     """The options of a benchmark that starts zenow: another checkout to run it from, the results
     file's name, and the deadline of the whole run."""
-    parser.add_argument("--zenow-path", type=Path, default=None, help="run zenow from this checkout (before/after)")
+    parser.add_argument("--zenow-path", type=lambda path: Path(path).resolve(), default=None,
+                        help="run zenow from this checkout (before/after)")
     parser.add_argument("--zenow-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for `zenow serve` (repeatable), e.g. --zenow-arg=--stream-batch-ms=0")
     parser.add_argument("--name", default=name, help="the results file's name")
@@ -255,7 +256,7 @@ async def start_zenow(nursery: trio.Nursery, home: Path, *args: str, env: dict[s
     if os.environ.get("BENCH_PROFILE"):  # a text profile of zenow (pyinstrument) written there at its exit
         runner += ["-m", "pyinstrument", "-o", os.environ["BENCH_PROFILE"], "-r", "text", "--show-all"]
     return await _spawn(nursery, [*runner, "-m", "zenow", "serve", "--port", "0", "--home", str(home), *args],
-                        env, _SERVING, 60, cwd=python_path.resolve() if python_path is not None else REPO)
+                        env, _SERVING, 60, cwd=python_path if python_path is not None else REPO)
 
 
 async def start_bare(nursery: trio.Nursery, *args: str) -> Child:
