@@ -9,10 +9,13 @@ stream's tokens arrive a read each, a fast one's several a read (`zenow.servers.
 
 from __future__ import annotations
 
-__all__ = ["MAX_LINE", "DataLines", "MalformedStream"]
+__all__ = ["JSON_STRING", "MAX_LINE", "DataLines", "MalformedStream"]
 
 #: The longest line a server may send (llama-server's last chunk, with usage and timings, is < 1 KiB).
 MAX_LINE = 1 << 20
+#: A JSON string literal in a payload's bytes, quotes and escapes included: the piece the patterns
+#: that read llama-server's usual chunk without decoding it are built of (`zenow.chat`, `zenow.v1`).
+JSON_STRING = rb'"(?:[^"\\]|\\.)*"'
 
 
 class MalformedStream(ValueError):

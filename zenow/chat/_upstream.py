@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..event_stream import JSON_STRING as _STRING
 from ..event_stream import DataLines, MalformedStream
 
 __all__ = ["MalformedStream", "ReplyReader", "UpstreamFailed", "decode_literal", "delta_frame"]
 
-_STRING = rb'"(?:[^"\\]|\\.)*"'
 #: A content delta and nothing else: llama-server's usual chunk, keys in the order it writes them.
 _CONTENT_CHUNK = re.compile(
     rb'\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":(' + _STRING + rb')\}\}\]'

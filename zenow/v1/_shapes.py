@@ -19,6 +19,7 @@ from uuid import uuid4
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest, UpstreamError, ZenowError
+from ..event_stream import JSON_STRING as _STRING
 from ..validation import invalid_request
 
 __all__ = [
@@ -287,7 +288,6 @@ def chat_chunk(upstream: Mapping[str, Any], model_name: str) -> dict[str, Any]:
     return {**upstream, "model": model_name}
 
 
-_STRING = rb'"(?:[^"\\]|\\.)*"'
 #: llama-server's usual streamed chunk: one content delta and its fixed fields, in the order it
 #: writes them.  Its `model` (the file's path) is replaced on the bytes, with no JSON decoding and
 #: encoding per token; any other chunk (the role, the end, usage, an error, another build's
