@@ -182,6 +182,40 @@ async def test_a_reply_the_client_left_is_not_prefilled(fake, event_log, monkeyp
                                                  {"role": "user", "content": PLACEHOLDER}]
 
 
+@pytest.mark.parametrize(("slots", "prefilled"), [(1, ["short"]), (2, ["short", "long"])])
+async def test_no_prefill_while_other_requests_fill_every_slot(fake, event_log, monkeypatch, slots, prefilled):
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_COUNT", "60")
+    monkeypatch.setenv("FAKE_LLAMA_TOKEN_DELAY", "0.02")
+    await respawn(fake)
+    client = fake.client
+    assert (await client.post("/api/models/update_param", json={"parallel": slots})).status_code == 200
+    await wait_status(client, "running")
+    prefills = await metric(client, "zenow_chat_prefills_total")
+    long_sid, short_sid = await session(client), await session(client)
+    long_started = trio.Event()
+
+    async def long_chat() -> None:
+        async with client.stream("POST", "/api/chat", json={
+                "session_id": long_sid, "stream": True, "messages": [{"role": "user", "content": "long"}]}) as answer:
+            async for line in answer.aiter_lines():
+                long_started.set()
+                if line == "data: [DONE]":
+                    break
+
+    async with trio.open_nursery() as both:
+        both.start_soon(long_chat)
+        await long_started.wait()
+        # two slots: both generate and the short chat ends first; one: it waits for the long chat's slot
+        await chat(client, short_sid, "short", max_tokens=2)
+
+    async def counted() -> bool:
+        return await metric(client, "zenow_chat_prefills_total") == prefills + len(prefilled)
+    await wait_for(counted, timeout=10, what="the prefills")
+    # one slot: the long chat ended with the short one waiting for its slot, and a prefill then would
+    # have held the short one up; with two, a slot was free after each reply
+    assert [e["body"]["messages"][1]["content"] for e in requests(event_log, "/apply-template")] == prefilled
+
+
 # ------------------------------------------------------------------ with the real llama-server
 
 

@@ -20,7 +20,8 @@ llama-server to the consumer as bytes (`_upstream`).
 
 After a reply that ended well, and once the client has its end, the streamer has llama-server read
 the start of the session's next turn into its cache (`_prefill`), still under the session's lock:
-the next turn on the session computes only its own message.
+the next turn on the session computes only its own message.  Not while other requests fill every
+slot of the llm server: the prefill would hold them up.
 
 When the consumer goes away it calls `ChatStream.cancel()`: the upstream request
 to llama-server is closed at once (generation stops, the slot is freed) and the
@@ -363,13 +364,21 @@ class ChatStreamerActor(Actor):
             try:
                 conversation = await self._generate_leased(prepared, status, send, scope, reread=reread)
                 send.close()  # the client has the whole reply; the session's next chat waits for the prefill
-                if conversation is not None:
+                if conversation is not None and self._a_slot_to_spare():
                     with trio.move_on_after(PREFILL_DEADLINE):
                         computed = await prefill(self._http, status, conversation)
                         if computed is not None:
                             metrics.next_turn_prefilled(computed)
             finally:
                 lease.release()
+
+    def _a_slot_to_spare(self) -> bool:
+        """Whether the llm server has a slot free for a prefill: fewer other requests hold the model
+        (generating, or waiting in llama-server's queue) than it has slots.  When they fill every slot,
+        a prefill would hold one of them up for a turn that may never come, and the slot it reads into
+        goes to the next conversation waiting anyway."""
+        others = self.llm.gate.leases - 1  # this chat still holds its lease
+        return others < int(self.llm.parameters().get("parallel") or 1)
 
     async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
                                send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
