@@ -373,20 +373,26 @@ async def wait_llm_running(client: httpx.AsyncClient) -> None:
 
 @dataclass
 class Timed:
-    """One streamed answer as the client saw it: seconds to the first content and to the end."""
+    """One streamed answer as the client saw it: seconds to the first content and to the end; with
+    `timed_stream(..., keep=True)` also its text and the prompt tokens llama-server computed (its `timings`)."""
 
     first: float
     total: float
     deltas: int
     tokens: int
+    text: str = ""
+    prompt_computed: int | None = None
 
 
-async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> Timed:
-    """POST `payload` and read the SSE answer; counts content deltas (zenow's and llama-server's shapes)."""
+async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, Any], *, keep: bool = False) -> Timed:
+    """POST `payload` and read the SSE answer; counts content deltas (zenow's and llama-server's shapes).
+    `keep`: decode every chunk to keep the text and llama-server's `timings` (else only the usage is decoded)."""
     started = time.perf_counter()
     first = 0.0
     deltas = 0
     tokens = 0
+    text: list[str] = []
+    computed: int | None = None
     # llama-server closes the connection after a streamed answer without saying so: a request sent on it
     # next is lost.  Both sides get a new connection for each stream.
     async with client.stream("POST", url, json=payload, headers={"Connection": "close"}) as response:
@@ -401,7 +407,11 @@ async def timed_stream(client: httpx.AsyncClient, url: str, payload: dict[str, A
                 deltas += line.count('"content":')
             if '"completion_tokens"' in line:
                 tokens = int(json.loads(line[6:]).get("usage", {}).get("completion_tokens") or 0)
-    return Timed(first, time.perf_counter() - started, deltas, tokens or deltas)
+            if keep:
+                chunk = json.loads(line[6:])
+                text += [(c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or []]
+                computed = chunk.get("timings", {}).get("prompt_n", computed)
+    return Timed(first, time.perf_counter() - started, deltas, tokens or deltas, "".join(text), computed)
 
 
 def prefilling(args: argparse.Namespace) -> bool:

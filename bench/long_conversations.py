@@ -18,9 +18,10 @@ The baseline's long conversation is zenow's: before each turn the benchmark read
 messages and picks its history as zenow does (`zenow.chat._prompt.history_in_steps`, the stored token counts),
 so llama-server gets the very prompts zenow sends, with the same system prompt and options; after its reply,
 when zenow prefills, the benchmark reads the next turn's start into the baseline's cache the same way
-(`/apply-template` cut at a placeholder, `/completion` with `n_predict: 0`).  The baseline is llama-server at
-its best on the same conversation, so "long / fresh" on the baseline is the floor a server in front of it can
-reach, and "zenow long / llama-server long" what zenow adds at depth.
+(zenow's own `zenow.chat._prefill.prefill`: `/apply-template` cut at a placeholder, `/completion` with
+`n_predict: 0`).  The baseline is llama-server at its best on the same conversation, so "long / fresh" on the
+baseline is the floor a server in front of it can reach, and "zenow long / llama-server long" what zenow adds
+at depth.
 
     python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
         [--model GGUF|synthetic] [--pause S]
@@ -35,10 +36,8 @@ baseline's own ratio, in the same table, is what llama-server itself allows.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,9 @@ from _common import (
     zenow_env,
 )
 
-from zenow.chat._prefill import PLACEHOLDER, next_turn_prefix
+from zenow.chat._prefill import prefill
 from zenow.chat._prompt import Turn, history_in_steps
+from zenow.servers import ServerStatus
 
 CONTEXT = 2048
 FILLER = ("In the valley the river turned twice before the old mill, where the miller kept a ledger of "
@@ -122,6 +122,7 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     system_count = len((await http.post(f"{llama_url}/tokenize", json={"content": system_prompt})).json()["tokens"])
     options = {"temperature": 0.0, "repeat_penalty": params["repeat_penalty"], "max_tokens": args.tokens}
+    baseline = ServerStatus("running", endpoint=llama_url)
 
     def question(n: int) -> dict[str, str]:
         return {"role": "user", "content": f"Question {n}: what happened at the mill next?"}
@@ -133,32 +134,15 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
             "messages": [question(n)]})
         return timed.first * 1000
 
-    async def direct(messages: list[dict[str, str]], *, read_ahead: bool = False) -> tuple[float, int]:
+    async def direct(messages: list[dict[str, str]], *, read_ahead: bool = False) -> tuple[float, int | None]:
         """`messages` straight to llama-server: ms to the first content and the prompt tokens it computed;
-        with `read_ahead`, then the next turn's start read into its cache as zenow does."""
+        with `read_ahead`, then the next turn's start read into its cache by zenow's own `prefill`."""
         await trio.sleep(args.pause)
-        started = time.perf_counter()
-        first, computed = 0.0, -1
-        reply: list[str] = []
-        async with http.stream("POST", f"{llama_url}/v1/chat/completions", headers={"Connection": "close"}, json={
-                "messages": messages, "stream": True, "stream_options": {"include_usage": True}, **options}) as answer:
-            async for line in answer.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                content = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
-                if content and not first:
-                    first = time.perf_counter() - started
-                reply.append(content)
-                computed = chunk.get("timings", {}).get("prompt_n", computed)
+        timed = await timed_stream(http, f"{llama_url}/v1/chat/completions", {
+            "messages": messages, "stream": True, "stream_options": {"include_usage": True}, **options}, keep=True)
         if read_ahead:
-            rendered = await http.post(f"{llama_url}/apply-template", json={"messages": [
-                *messages, {"role": "assistant", "content": "".join(reply)}, {"role": "user", "content": PLACEHOLDER}]})
-            prefix = next_turn_prefix(rendered.json()["prompt"])
-            if prefix is not None:
-                await http.post(f"{llama_url}/completion",
-                                json={"prompt": prefix, "n_predict": 0, "cache_prompt": True})
-        return first * 1000, computed
+            await prefill(http, baseline, [*messages, {"role": "assistant", "content": timed.text}])
+        return timed.first * 1000, timed.prompt_computed
 
     async def long_prompt(n: int) -> list[dict[str, str]]:
         """What zenow sends for the long session's next turn: its history picked as zenow picks it."""
