@@ -54,7 +54,7 @@ from _common import (
 )
 
 RELAY = "llama-server via socat"
-#: Seconds after an /api/chat reply in which zenow's prefill of the next turn ends (tens of ms here).
+#: Seconds after a reply in which zenow's prefill of the next turn ends (tens of ms here).
 PREFILL_SETTLE = 0.3
 SYSTEM = "You are a helpful assistant."
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -107,22 +107,23 @@ async def measure(args: argparse.Namespace, http: Any, zenow_pid: int, llama_url
             timed = await timed_stream(http, f"{relay.url}/v1/chat/completions", direct)
             await trio.sleep(0.05)  # socat reaps the connection's relay process
             return timed, cpu_seconds(relay.pid, reaped_children=True) - before
-        before = cpu_seconds(zenow_pid)
+        prefilled = await prefill_count(http) if prefilling(args) else 0.0
         if path == "/api/chat":
             sid = (await http.post("/api/sessions", json={"first_message": "bench"})).json()["session_id"]
-            prefilled = await prefill_count(http) if prefilling(args) else 0.0
             before = cpu_seconds(zenow_pid)
             timed = await timed_stream(http, "/api/chat", {
                 "session_id": sid, "stream": True, "messages": [{"role": "user", "content": QUESTION}],
                 "temperature": 0.0, "max_tokens": args.tokens})
-            if prefilling(args):  # zenow's CPU for it counts (it is done for the chat), not the polling for its end
-                await trio.sleep(PREFILL_SETTLE)
-                spent = cpu_seconds(zenow_pid) - before
-                await prefills_done(http, prefilled + 1)
-                return timed, spent
         else:
+            before = cpu_seconds(zenow_pid)
             timed = await timed_stream(http, "/v1/chat/completions", direct)
-        return timed, cpu_seconds(zenow_pid) - before
+        if not prefilling(args):
+            return timed, cpu_seconds(zenow_pid) - before
+        # zenow's CPU for the read ahead counts (it is done for the chat), not the polling for its end
+        await trio.sleep(PREFILL_SETTLE)
+        spent = cpu_seconds(zenow_pid) - before
+        await prefills_done(http, prefilled + 1)
+        return timed, spent
 
     for path in paths:  # warm up: the prompt cache, connections, imports
         await once(path)

@@ -18,13 +18,17 @@ The baseline's long conversation is zenow's: before each turn the benchmark read
 messages and picks its history as zenow does (`zenow.chat._prompt.history_in_steps`, the stored token counts),
 so llama-server gets the very prompts zenow sends, with the same system prompt and options; after its reply,
 when zenow prefills, the benchmark reads the next turn's start into the baseline's cache the same way
-(zenow's own `zenow.chat._prefill.prefill`: `/apply-template` cut at a placeholder, `/completion` with
+(zenow's own `zenow.servers.prefill`: `/apply-template` cut at a placeholder, `/completion` with
 `n_predict: 0`).  The baseline is llama-server at its best on the same conversation, so "long / fresh" on the
 baseline is the floor a server in front of it can reach, and "zenow long / llama-server long" what zenow adds
 at depth.
 
     python bench/long_conversations.py [--turns 20] [--quick] [--flash-attn auto|on|off] [--zenow-path DIR]
-        [--model GGUF|synthetic] [--pause S]
+        [--model GGUF|synthetic] [--pause S] [--via api|v1]
+
+`--via v1`: zenow's legs send the very prompts the baseline gets to `/v1/chat/completions`, as an OpenAI
+client keeping the history itself does, and store each turn on the session (so the next prompt holds it);
+zenow reads each completion's next turn ahead as it does a session's (`zenow.v1._readahead`).
 
 `--model synthetic`: a random-weight llama about three times slower than SmolLM2 (see chat_overhead); its
 byte-level tokenizer makes every text about four times as many tokens.
@@ -63,9 +67,8 @@ from _common import (
     zenow_env,
 )
 
-from zenow.chat._prefill import prefill
 from zenow.chat._prompt import Turn, history_in_steps
-from zenow.servers import ServerStatus
+from zenow.servers import prefill
 
 CONTEXT = 2048
 FILLER = ("In the valley the river turned twice before the old mill, where the miller kept a ledger of "
@@ -122,16 +125,24 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     system_count = len((await http.post(f"{llama_url}/tokenize", json={"content": system_prompt})).json()["tokens"])
     options = {"temperature": 0.0, "repeat_penalty": params["repeat_penalty"], "max_tokens": args.tokens}
-    baseline = ServerStatus("running", endpoint=llama_url)
 
     def question(n: int) -> dict[str, str]:
         return {"role": "user", "content": f"Question {n}: what happened at the mill next?"}
 
-    async def turn(sid: int, n: int) -> float:
+    async def turn(sid: int, n: int, prompt: list[dict[str, str]]) -> float:
+        """A chat on zenow: to `/api/chat` on session `sid`; or with `--via v1`, `prompt` sent whole to
+        `/v1/chat/completions` and the turn then stored on the session, as a client keeping its own
+        history would (so the next `long_prompt` holds it)."""
         await trio.sleep(args.pause)
-        timed = await timed_stream(http, "/api/chat", {
-            "session_id": sid, "stream": True, "temperature": 0.0, "max_tokens": args.tokens,
-            "messages": [question(n)]})
+        if args.via == "api":
+            timed = await timed_stream(http, "/api/chat", {
+                "session_id": sid, "stream": True, "temperature": 0.0, "max_tokens": args.tokens,
+                "messages": [question(n)]})
+            return timed.first * 1000
+        timed = await timed_stream(http, "/v1/chat/completions", {
+            "messages": prompt, "stream": True, "stream_options": {"include_usage": True}, **options}, keep=True)
+        for message in (question(n), {"role": "assistant", "content": timed.text}):
+            await http.post(f"/api/sessions/{sid}/messages", json=message)
         return timed.first * 1000
 
     async def direct(messages: list[dict[str, str]], *, read_ahead: bool = False) -> tuple[float, int | None]:
@@ -141,7 +152,7 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
         timed = await timed_stream(http, f"{llama_url}/v1/chat/completions", {
             "messages": messages, "stream": True, "stream_options": {"include_usage": True}, **options}, keep=True)
         if read_ahead:
-            await prefill(http, baseline, [*messages, {"role": "assistant", "content": timed.text}])
+            await prefill(http, llama_url, {}, [*messages, {"role": "assistant", "content": timed.text}])
         return timed.first * 1000, timed.prompt_computed
 
     async def long_prompt(n: int) -> list[dict[str, str]]:
@@ -152,7 +163,7 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
         return [*system, *({"role": t.role, "content": t.content} for t in history), question(n)]
 
     fresh_warm = (await http.post("/api/sessions", json={"first_message": "w"})).json()["session_id"]
-    await turn(fresh_warm, 0)
+    await turn(fresh_warm, 0, [*system, question(0)])
     await direct([*system, question(0)])
     read_ahead = prefilling(args)
     fresh: list[float] = []
@@ -165,10 +176,10 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
         prompt = await long_prompt(n)
 
         async def zenow_fresh(n: int = n, sid: int = sid) -> None:
-            fresh.append(await turn(sid, n))
+            fresh.append(await turn(sid, n, [*system, question(n)]))
 
-        async def zenow_long(n: int = n) -> None:
-            long.append(await turn(long_sid, n))
+        async def zenow_long(n: int = n, prompt: list[dict[str, str]] = prompt) -> None:
+            long.append(await turn(long_sid, n, prompt))
 
         async def direct_fresh_leg(n: int = n) -> None:
             direct_fresh.append((await direct([*system, question(n)]))[0])
@@ -185,7 +196,7 @@ async def measure(args: argparse.Namespace, http: Any, llama_url: str) -> dict[s
         for leg in ((*zenow_legs, *direct_legs) if n % 2 == 0 else (*direct_legs, *zenow_legs)):
             await leg()
     return {"turns": args.turns, "tokens": args.tokens, "context_size": CONTEXT, "stored_tokens": stored,
-            "flash_attn": args.flash_attn, "pause": args.pause, "zenow_args": args.zenow_arg,
+            "flash_attn": args.flash_attn, "pause": args.pause, "zenow_args": args.zenow_arg, "via": args.via,
             "fresh_first_ms": fresh, "long_first_ms": long,
             "ratio": [lg / fr for lg, fr in zip(long, fresh, strict=True)],
             "direct_fresh_first_ms": direct_fresh, "direct_long_first_ms": direct_long,
@@ -218,7 +229,8 @@ def render(results: dict[str, Any]) -> str:
     head = (f"Long conversations: context {results['context_size']} per conversation (history budget "
             f"{results['context_size'] // 2}), a session holding {results['stored_tokens']} tokens, "
             f"{results['turns']} turns of {results['tokens']} tokens, {results.get('model', 'SmolLM2-135M')}, "
-            f"flash_attn {results.get('flash_attn', 'auto')}, {results.get('pause', 0):g} s between chats"
+            f"flash_attn {results.get('flash_attn', 'auto')}, {results.get('pause', 0):g} s between chats, "
+            f"{'zenow through /v1/chat/completions' if results.get('via') == 'v1' else 'zenow through /api/chat'}"
             f"{', zenow ' + ' '.join(results['zenow_args']) if results.get('zenow_args') else ''}; "
             f"the baseline is llama-server sent the same prompts"
             f"{' with the next turn read ahead' if results.get('direct_read_ahead') else ''}\n\n")
@@ -241,6 +253,9 @@ def main() -> None:
     parser.add_argument("--exchanges", type=int, default=40, help="stored exchanges (about 75 tokens each)")
     parser.add_argument("--quick", action="store_true", help="6 turns")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between chats (a user reading)")
+    parser.add_argument("--via", choices=("api", "v1"), default="api",
+                        help="zenow's legs through /api/chat (its sessions), or /v1/chat/completions sent the "
+                             "baseline's prompts (a client keeping the history)")
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="the llm's flash_attn parameter (auto: llama-server's choice, on for the CPU)")
     add_model_option(parser)

@@ -384,11 +384,15 @@ LLAMA_CHUNK = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":%
 @pytest.mark.parametrize("content", ["Hello", ' "quoted" \\ back', "caf\u00e9 \u2615\n", '","model":"x', "\u0001"])
 @pytest.mark.parametrize("ascii_only", [False, True])
 def test_the_usual_content_chunk_gets_zenows_model_name_on_its_text(content, ascii_only):
+    from zenow.event_stream import decode_literal
     from zenow.v1._shapes import chat_chunk, content_chunk_event, sse
 
     data = (LLAMA_CHUNK % json.dumps(content, ensure_ascii=ascii_only)).encode()
-    frame = content_chunk_event(data, json.dumps("smol").encode())
-    assert frame is not None and frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    event = content_chunk_event(data, json.dumps("smol").encode())
+    assert event is not None
+    frame, literal = event
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    assert decode_literal(literal) == content
     assert json.loads(frame[6:]) == json.loads(sse(chat_chunk(json.loads(data), "smol"))[6:])
     assert json.loads(frame[6:])["model"] == "smol"
     assert json.loads(frame[6:])["choices"][0]["delta"]["content"] == content

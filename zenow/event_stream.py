@@ -5,11 +5,15 @@ read the response's raw bytes (asked for uncompressed) and split them here: one
 `bytes.split` a read, no text decoding, and at most one incomplete line kept, up to
 `MAX_LINE` bytes, so a server that never ends a line cannot grow zenow's memory.  A slow
 stream's tokens arrive a read each, a fast one's several a read (`zenow.servers.batched_reads`).
+Both pass a content's JSON string on undecoded, and decode a reply's text once, at its end
+(`decode_literal`).
 """
 
 from __future__ import annotations
 
-__all__ = ["JSON_STRING", "MAX_LINE", "DataLines", "MalformedStream"]
+import json
+
+__all__ = ["JSON_STRING", "MAX_LINE", "DataLines", "MalformedStream", "decode_literal"]
 
 #: The longest line a server may send (llama-server's last chunk, with usage and timings, is < 1 KiB).
 MAX_LINE = 1 << 20
@@ -41,3 +45,12 @@ class DataLines:
         if len(self._pending) > MAX_LINE:
             raise MalformedStream(f"a line longer than {MAX_LINE} bytes")
         return [line[5:].strip() for line in lines if line.startswith(b"data:")]
+
+
+def decode_literal(escaped: bytes) -> str:
+    """The text of JSON string bodies (escaped, without their quotes) joined together; should
+    they not be valid JSON after all, the bytes as UTF-8 with replacement characters."""
+    try:
+        return str(json.loads(b'"' + escaped + b'"'))
+    except ValueError:
+        return escaped.decode("utf-8", "replace")

@@ -17,8 +17,9 @@ zenow_http_request_duration_seconds         histogram  method, route (until the 
                                                        headers: a stream's body not included)
 zenow_chat_streams_open                     gauge      (chats being answered on /api/chat)
 zenow_chat_tokens_generated_total           counter    (tokens of /api/chat replies)
-zenow_chat_prefills_total                   counter    (replies after which the next turn's prefix
-                                                       was read into llama-server's cache)
+zenow_chat_prefills_total                   counter    (replies, /api/chat's and /v1's, after which
+                                                       the next turn's prefix was read into
+                                                       llama-server's cache)
 zenow_chat_prefill_tokens_total             counter    (the tokens that took)
 zenow_chat_time_to_first_token_seconds      histogram  (from the request, a restart of an
                                                        idle llm server included)
@@ -103,10 +104,11 @@ _CHAT_TOKENS = Counter(
     "zenow_chat_tokens_generated", "Tokens generated for /api/chat replies (llama-server's usage count)",
     registry=REGISTRY)
 _PREFILLS = Counter(
-    "zenow_chat_prefills", "Chats after whose reply llama-server read the next turn's prefix into its cache",
+    "zenow_chat_prefills",
+    "Replies (/api/chat and /v1/chat/completions) after which llama-server read the next turn's prefix into its cache",
     registry=REGISTRY)
 _PREFILL_TOKENS = Counter(
-    "zenow_chat_prefill_tokens", "Prompt tokens llama-server computed ahead for the next turn of a chat",
+    "zenow_chat_prefill_tokens", "Prompt tokens llama-server computed ahead for the next turn of a conversation",
     registry=REGISTRY)
 _TTFT = Histogram(
     "zenow_chat_time_to_first_token_seconds",
@@ -169,7 +171,7 @@ def tokens_generated(count: int) -> None:
 
 
 def next_turn_prefilled(tokens: int) -> None:
-    """llama-server read `tokens` of a session's next turn into its cache after a reply."""
+    """llama-server read `tokens` of a conversation's next turn into its cache after a reply."""
     _PREFILLS.inc()
     _PREFILL_TOKENS.inc(max(tokens, 0))
 

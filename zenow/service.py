@@ -182,7 +182,7 @@ async def _run(
             events.set_snapshot_provider(partial(current_state, servers, downloads))
             openai = OpenAIGateway(await supervisor.start(
                 "v1 upstream actor", partial(UpstreamActor, batch_window=settings.stream_batch_window)
-            ), store, servers)
+            ), store, servers, read_ahead=settings.prefill_next_turn)
             async with trio.open_nursery() as chat_tier:
                 chat = ChatStreamer(
                     await Supervisor(chat_tier, health=health).start(

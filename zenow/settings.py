@@ -137,7 +137,7 @@ class Settings:
     #: enough for that (`zenow.servers.batched_reads`); 0: each token is read as it comes.
     stream_batch_window: float = DEFAULT_STREAM_BATCH_WINDOW
     #: After a chat's reply, have llama-server read the start of the session's next turn into its cache
-    #: (`zenow.chat._prefill`), so the next turn's first token comes sooner on a long conversation.
+    #: (`zenow.servers.prefill`), so the next turn's first token comes sooner on a long conversation.
     prefill_next_turn: bool = True
     #: Seconds a client may take to send a request's body before it is answered 408.
     read_timeout: float = 30.0

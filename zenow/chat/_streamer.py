@@ -19,7 +19,7 @@ the reply is saved; the reply's count is llama-server's own `usage`.  Deltas pas
 llama-server to the consumer as bytes (`_upstream`).
 
 After a reply that ended well, and once the client has its end, the streamer has llama-server read
-the start of the session's next turn into its cache (`_prefill`), still under the session's lock:
+the start of the session's next turn into its cache (`zenow.servers.prefill`), still under the session's lock:
 the next turn on the session computes only its own message.  Not while other requests fill every
 slot of the llm server: the prefill would hold them up.
 
@@ -55,12 +55,11 @@ from ..errors import (
     UpstreamError,
     ZenowError,
 )
-from ..servers import STREAM_HEADERS, ServerHandle, ServerStatus, batched_reads, upstream_client
+from ..servers import STREAM_HEADERS, ServerHandle, ServerStatus, batched_reads, prefill, upstream_client
 from ..settings import DEFAULT_STREAM_BATCH_WINDOW
 from ..store import MessageInfo, Store
 from ..tokens import estimate_tokens
 from ._events import DONE, Delta, Failed, Finished, StreamEvent, sse
-from ._prefill import prefill
 from ._prompt import Turn, history_in_steps
 from ._upstream import MalformedStream, ReplyReader, UpstreamFailed, decode_literal
 
@@ -364,28 +363,19 @@ class ChatStreamerActor(Actor):
             try:
                 conversation = await self._generate_leased(prepared, status, send, scope, reread=reread)
                 send.close()  # the client has the whole reply; the session's next chat waits for the prefill
-                if conversation is not None and self._a_slot_to_spare():
+                endpoint = status.endpoint
+                if conversation is not None and endpoint is not None and self.llm.gate.a_slot_to_spare():
                     with trio.move_on_after(PREFILL_DEADLINE):
-                        computed = await prefill(self._http, status, conversation)
-                        if computed is not None:
-                            metrics.next_turn_prefilled(computed)
+                        await prefill(self._http, endpoint, status.auth_headers(), conversation)
             finally:
                 lease.release()
-
-    def _a_slot_to_spare(self) -> bool:
-        """Whether the llm server has a slot free for a prefill: fewer other requests hold the model
-        (generating, or waiting in llama-server's queue) than it has slots.  When they fill every slot,
-        a prefill would hold one of them up for a turn that may never come, and the slot it reads into
-        goes to the next conversation waiting anyway."""
-        others = self.llm.gate.leases - 1  # this chat still holds its lease
-        return others < int(self.llm.parameters().get("parallel") or 1)
 
     async def _generate_leased(self, prepared: _Prepared, status: ServerStatus,
                                send: trio.MemorySendChannel[StreamEvent], scope: trio.CancelScope,
                                *, reread: bool) -> list[dict[str, str]] | None:
         """Read the history, stream the reply from `status`'s server into `send` while the
         request's messages are counted and stored, then save the reply.  Returns the
-        conversation to prefill the next turn with (`_prefill`): the prompt and the reply,
+        conversation to prefill the next turn with (`zenow.servers.prefill`): the prompt and the reply,
         when the reply ended well and is stored and the server is zenow's own llama-server.
 
         `reread`: the session may have changed since `_prepare` read it (another chat on it).

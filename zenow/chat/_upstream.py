@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..event_stream import JSON_STRING as _STRING
-from ..event_stream import DataLines, MalformedStream
+from ..event_stream import DataLines, MalformedStream, decode_literal
 
 __all__ = ["MalformedStream", "ReplyReader", "UpstreamFailed", "decode_literal", "delta_frame"]
 
@@ -38,15 +38,6 @@ class UpstreamFailed(Exception):
 def delta_frame(literal: bytes) -> bytes:
     """The SSE event zenow sends for one delta whose content is the JSON string `literal` (quotes included)."""
     return _FRAME_START + literal + _FRAME_END
-
-
-def decode_literal(escaped: bytes) -> str:
-    """The text of JSON string bodies (escaped, without their quotes) joined together; should
-    they not be valid JSON after all, the bytes as UTF-8 with replacement characters."""
-    try:
-        return str(json.loads(b'"' + escaped + b'"'))
-    except ValueError:
-        return escaped.decode("utf-8", "replace")
 
 
 @dataclass

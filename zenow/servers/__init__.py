@@ -2,7 +2,8 @@
 
 Also the GGUF header reader (`read_gguf_info`, `GGUFInfo`, `has_gguf_magic`, `model_details`,
 `mode_problem`): what a model file says about itself, whether llama-server can read it, and
-which modes it can serve.
+which modes it can serve.  And `prefill`: a conversation's next turn read into llama-server's
+cache ahead of it.
 """
 
 from ._actor import ServerActor as ServerActor
@@ -26,3 +27,6 @@ from ._gguf import model_details as model_details
 from ._gguf import read_gguf_info as read_gguf_info
 from ._idle import Activity as Activity
 from ._params import SERVER_KEYS as SERVER_KEYS
+from ._prefill import PLACEHOLDER as PLACEHOLDER
+from ._prefill import next_turn_prefix as next_turn_prefix
+from ._prefill import prefill as prefill

@@ -61,6 +61,14 @@ class ModelGate:
         """Requests holding the running model now (a snapshot)."""
         return self._leases
 
+    def a_slot_to_spare(self) -> bool:
+        """Whether the running model has a slot free beside the caller's request (which holds a
+        lease): fewer other requests hold it (generating, or waiting in llama-server's queue) than
+        it has slots (`parallel`).  Work that may go to waste (reading a next turn ahead) waits for
+        such a slot rather than hold up a request."""
+        others = self._leases - 1
+        return others < int(self._server.parameters().get("parallel") or 1)
+
     async def enter(self, wanted: str | None) -> tuple[ServerStatus, Lease]:
         """A lease on `wanted` running (or on whatever runs, when None), and its status.
 

@@ -2,7 +2,9 @@
 server actors.
 
 `OpenAIGateway` is what routes call; `UpstreamActor` owns the HTTP client and every
-upstream request in flight; `_shapes` is the pure request and answer shaping.
+upstream request in flight; `_shapes` is the pure request and answer shaping; `_readahead`
+reads a chat completion's next turn into llama-server's cache, and keeps the conversation's
+next request off that read.
 """
 
 from ..servers import DEFAULT_SWITCH_WAIT as DEFAULT_SWITCH_WAIT

@@ -23,9 +23,10 @@ import trio
 from ..actor import Actor
 from ..channels import send_soon
 from ..errors import ActorCrashed, UpstreamError, ZenowError
-from ..event_stream import DataLines
+from ..event_stream import DataLines, decode_literal
 from ..servers import STREAM_HEADERS, batched_reads, upstream_client
 from ..settings import DEFAULT_STREAM_BATCH_WINDOW
+from ._readahead import ENDED_WELL, ReadAhead
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -57,6 +58,8 @@ class ChatStreamCall:
     payload: dict[str, Any]
     model_name: str
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The conversation's next turn to read ahead once the reply ended well and its client has the end.
+    read_ahead: ReadAhead | None = None
 
 
 class UpstreamActor(Actor):
@@ -89,6 +92,16 @@ class UpstreamActor(Actor):
         """
         self.nursery.start_soon(self._run_stream, call, frames, started, scope, on_end)
 
+    async def start_read_ahead(self, read_ahead: ReadAhead, on_end: Callable[[], None]) -> None:
+        """Start `read_ahead.run()` (a whole completion's, which its client has); `on_end` runs once it is over."""
+        self.nursery.start_soon(self._read_ahead, read_ahead, on_end)
+
+    async def _read_ahead(self, read_ahead: ReadAhead, on_end: Callable[[], None]) -> None:
+        try:
+            await read_ahead.run(self._http)
+        finally:
+            on_end()
+
     async def _run_call(self, call: UpstreamCall, reply: trio.MemorySendChannel[outcome.Outcome[Any]],
                         scope: trio.CancelScope) -> None:
         with reply:
@@ -117,7 +130,11 @@ class UpstreamActor(Actor):
         except Exception:
             log.exception("streaming %s failed", call.url)
         finally:
-            on_end()
+            try:
+                if call.read_ahead is not None:  # still leased: a switch of the model waits for it
+                    await call.read_ahead.run(self._http)
+            finally:
+                on_end()
 
 
 async def _request_json(http: httpx.AsyncClient, call: UpstreamCall) -> Any:
@@ -137,7 +154,12 @@ async def _request_json(http: httpx.AsyncClient, call: UpstreamCall) -> Any:
 
 async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: trio.MemorySendChannel[bytes],
                        started: trio.MemorySendChannel[outcome.Outcome[None]], batch_window: float = 0.0) -> None:
+    """Stream `call` into `frames` (see `UpstreamActor.start_stream`).  With a `read_ahead`, the reply is
+    kept and handed to it when it ended well (`ReadAhead.ended`) before its end (`DONE`) goes out."""
     accepted = False
+    #: The reply's content as JSON string bodies, when it is to be read ahead; its finish reason.
+    contents: list[bytes] | None = [] if call.read_ahead is not None else None
+    finish_reason: object = None
 
     async def fail(message: str) -> None:
         if accepted:
@@ -162,11 +184,18 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                     batching.received(len(data))
                     for payload in lines.feed(data):
                         if payload == b"[DONE]":
+                            read_ahead = call.read_ahead
+                            if read_ahead is not None and contents and finish_reason in ENDED_WELL:
+                                read_ahead.ended(decode_literal(b"".join(contents)))
                             await frames.send(DONE)
+                            if read_ahead is not None:  # the end went out: closing the response may be cancelled
+                                read_ahead.delivered = True
                             return
-                        frame = content_chunk_event(payload, model_literal)
-                        if frame is not None:
-                            await send_soon(frames, frame)
+                        event = content_chunk_event(payload, model_literal)
+                        if event is not None:
+                            if contents is not None:
+                                contents.append(event[1])
+                            await send_soon(frames, event[0])
                             continue
                         chunk = json.loads(payload)
                         if not isinstance(chunk, dict):
@@ -176,12 +205,26 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                             message = error.get("message", error) if isinstance(error, dict) else error
                             await fail(f"llama-server failed: {message}")
                             return
+                        if contents is not None:
+                            finish_reason = _read_choice(chunk, contents) or finish_reason
                         await send_soon(frames, sse(chat_chunk(chunk, call.model_name)))
         await fail("llama-server ended the stream without [DONE]")
     except httpx.HTTPError as exc:
         await fail(_connection_failed(exc))
     except ValueError as exc:  # json.JSONDecodeError and MalformedStream included
         await fail(f"llama-server sent malformed data: {exc}")
+
+
+def _read_choice(chunk: dict[str, Any], contents: list[bytes]) -> object:
+    """Append the content of a decoded chunk's choice to `contents` (as a JSON string body); its finish reason."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    delta = choices[0].get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    if isinstance(content, str) and content:
+        contents.append(json.dumps(content, ensure_ascii=False).encode()[1:-1])
+    return choices[0].get("finish_reason")
 
 
 def _connection_failed(exc: httpx.HTTPError) -> str:

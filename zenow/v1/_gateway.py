@@ -28,6 +28,7 @@ from ..servers import Lease, ServerHandle, ServerStatus
 from ..settings import MODES, Mode, is_mode
 from ..store import ModelInfo, Store
 from ._actor import ChatStreamCall, UpstreamActor, UpstreamCall
+from ._readahead import ReadAhead, ReadAheads, completion_reply, plain_conversation
 from ._shapes import (
     DONE,
     ChatCompletionRequest,
@@ -99,11 +100,15 @@ class CompletionStream:
 class OpenAIGateway:
     """The `/v1` front door (see the module docstring); routes hold one, built by the service."""
 
-    def __init__(self, ref: ActorRef[UpstreamActor], store: Store, servers: Mapping[Mode, ServerHandle]) -> None:
+    def __init__(self, ref: ActorRef[UpstreamActor], store: Store, servers: Mapping[Mode, ServerHandle],
+                 read_ahead: bool = True) -> None:
         self._ref = ref
         self._store = store
         self._servers = servers
         self._gates = {mode: servers[mode].gate for mode in MODES}
+        #: Whether a chat completion's next turn is read ahead (`_readahead`); the reads in flight.
+        self._read_ahead = read_ahead
+        self._reads = ReadAheads()
 
     # ------------------------------------------------------------ models
 
@@ -155,12 +160,27 @@ class OpenAIGateway:
         or llama-server refused the request), `ModelNotLoaded`, `ModelBusy`,
         `ModelLoadFailed`, `UpstreamError`.  Cancelling it stops generation upstream.
         """
-        async with self._using("llm", request.model) as (target, model_name):
+        await self._reads.wait_before(request.options)
+        model_name, target, held = await self._enter("llm", request.model)
+        lease: Lease | None = held
+        try:
             payload = _for(target, model_name, upstream_chat_payload(request, self._servers["llm"].parameters()))
             answer = await self._call(UpstreamCall("POST", f"{target.url}/v1/chat/completions", payload, "messages",
                                                    target.headers))
-        if not isinstance(answer, dict):
-            raise UpstreamError("llama-server answered a chat completion that is not an object")
+            if not isinstance(answer, dict):
+                raise UpstreamError("llama-server answered a chat completion that is not an object")
+            read_ahead = self._read_ahead_of(request, target)
+            if read_ahead is not None and read_ahead.ended(completion_reply(answer)):
+                read_ahead.delivered = True  # as good as: the answer goes back from here
+                try:  # the read holds the lease from here on
+                    await self._ref.call(UpstreamActor.start_read_ahead, read_ahead, held.release)
+                except BaseException:
+                    read_ahead.drop()
+                    raise
+                lease = None
+        finally:
+            if lease is not None:
+                lease.release()
         return chat_completion_response(answer, model_name)
 
     async def open_stream(self, request: ChatCompletionRequest) -> CompletionStream:
@@ -170,13 +190,15 @@ class OpenAIGateway:
         `complete` raises, before anything was streamed; a failure later arrives as an
         error event.  Cancelling the call stops what it started.
         """
+        await self._reads.wait_before(request.options)
         model_name, target, lease = await self._enter("llm", request.model)
         send, receive = trio.open_memory_channel[bytes](FRAME_BUFFER)
         started_send, started_receive = trio.open_memory_channel[outcome.Outcome[None]](1)
         stream = CompletionStream(receive, trio.CancelScope())
         try:
             payload = _for(target, model_name, upstream_chat_payload(request, self._servers["llm"].parameters()))
-            call = ChatStreamCall(f"{target.url}/v1/chat/completions", payload, model_name, target.headers)
+            call = ChatStreamCall(f"{target.url}/v1/chat/completions", payload, model_name, target.headers,
+                                  self._read_ahead_of(request, target))
             await self._ref.call(UpstreamActor.start_stream, call, send, started_send, stream.scope, lease.release)
             with started_receive:
                 try:
@@ -192,6 +214,16 @@ class OpenAIGateway:
             lease.release()
             raise
         return stream
+
+    def _read_ahead_of(self, request: ChatCompletionRequest, target: _Target) -> ReadAhead | None:
+        """The read ahead of the request's next turn, when there may be one: on zenow's own llama-server,
+        for a plain conversation (`_readahead`)."""
+        if not self._read_ahead or target.remote:
+            return None
+        messages = plain_conversation(request.options)
+        if messages is None:
+            return None
+        return ReadAhead(self._reads, self._gates["llm"], target.url, target.headers, messages)
 
     # ------------------------------------------------------------ embeddings and rerank
 

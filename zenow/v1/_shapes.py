@@ -293,20 +293,22 @@ def chat_chunk(upstream: Mapping[str, Any], model_name: str) -> dict[str, Any]:
 #: encoding per token; any other chunk (the role, the end, usage, an error, another build's
 #: shape) does not match and is decoded.
 _CONTENT_CHUNK = re.compile(
-    rb'(\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":' + _STRING
-    + rb'\}\}\],"created":\d+,"id":' + _STRING + rb',"model":)' + _STRING
+    rb'(\{"choices":\[\{"finish_reason":null,"index":0,"delta":\{"content":)(' + _STRING
+    + rb')(\}\}\],"created":\d+,"id":' + _STRING + rb',"model":)' + _STRING
     + rb'(,"system_fingerprint":' + _STRING + rb',"object":"chat\.completion\.chunk"\})',
     re.DOTALL,
 )
 
 
-def content_chunk_event(data: bytes, model_literal: bytes) -> bytes | None:
+def content_chunk_event(data: bytes, model_literal: bytes) -> tuple[bytes, bytes] | None:
     """The event for `data` (a `data:` payload) when it is llama-server's usual content chunk, its
-    model replaced by `model_literal` (zenow's model name as a JSON string); None for any other chunk."""
+    model replaced by `model_literal` (zenow's model name as a JSON string), and the chunk's content
+    as a JSON string body (escaped, unquoted: see `decode_literal`); None for any other chunk."""
     match = _CONTENT_CHUNK.fullmatch(data)
     if match is None:
         return None
-    return b"data: " + match.group(1) + model_literal + match.group(2) + b"\n\n"
+    head, content, middle, tail = match.groups()
+    return b"data: " + head + content + middle + model_literal + tail + b"\n\n", content[1:-1]
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:

@@ -13,20 +13,24 @@ the placeholder: the text every next turn's prompt starts with, whatever the use
 `prefill` has llama-server read it (`/completion` with `n_predict: 0`, which evaluates the
 prompt into the slot's cache and generates nothing): the slot holding the conversation is
 the one llama-server picks, by the longest common prefix.  The next turn then computes
-only its own message (unless the session outgrew its history budget and the next turn
-drops old messages, `_prompt`: then it computes the history again, prefill or not).  The
-chat streamer does this under the session's lock, after the client got the reply's end
-(see `_streamer`).
+only its own message (unless the conversation outgrew its history budget and the next turn
+drops old messages, `zenow.chat._prompt`: then it computes the history again, prefill or not).
+
+Its callers do it after the client got the reply's end, and keep the conversation's next
+request from racing it into another slot: the chat streamer under the session's lock
+(`zenow.chat._streamer`), `/v1` by having a request that continues the conversation wait
+for it (`zenow.v1._readahead`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from ..servers import ServerStatus
+from .. import metrics
 
 __all__ = ["PLACEHOLDER", "next_turn_prefix", "prefill"]
 
@@ -43,11 +47,11 @@ def next_turn_prefix(rendered: str) -> str | None:
     return rendered[:at] if at > 0 else None
 
 
-async def prefill(http: httpx.AsyncClient, server: ServerStatus, conversation: list[dict[str, Any]]) -> int | None:
-    """Have `server` read the prompt every next turn of `conversation` starts with into its
-    cache; the tokens it computed, or None when it did not (a server without the routes, an
-    error: logged, never raised but for cancellation)."""
-    endpoint, headers = server.endpoint, server.auth_headers()
+async def prefill(http: httpx.AsyncClient, endpoint: str, headers: Mapping[str, str],
+                  conversation: list[dict[str, Any]]) -> int | None:
+    """Have the llama-server at `endpoint` read the prompt every next turn of `conversation` starts
+    with into its cache (counted in `/metrics`); the tokens it computed, or None when it did not (a
+    server without the routes, an error: logged, never raised but for cancellation)."""
     try:
         rendered = await http.post(f"{endpoint}/apply-template", headers=headers, json={
             "messages": [*conversation, {"role": "user", "content": PLACEHOLDER}]})
@@ -60,7 +64,10 @@ async def prefill(http: httpx.AsyncClient, server: ServerStatus, conversation: l
             "prompt": prefix, "n_predict": 0, "cache_prompt": True})
         read.raise_for_status()
         computed = read.json().get("timings", {}).get("prompt_n")
-        return computed if isinstance(computed, int) else None
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.debug("prefilling the next turn failed: %s", exc)
         return None
+    if not isinstance(computed, int):
+        return None
+    metrics.next_turn_prefilled(computed)
+    return computed
