@@ -295,6 +295,21 @@ async def v1_chat(client: httpx.AsyncClient, messages: list[dict], *, stream: bo
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
+def test_a_whole_v1_completion_is_read_ahead_only_when_it_ended_well_with_text():
+    from zenow.v1._readahead import completion_reply
+
+    def answer(message: object = None, finish: object = "stop", choices: int = 1) -> dict:
+        choice = {"message": {"role": "assistant", "content": "Hi."} if message is None else message,
+                  "finish_reason": finish}
+        return {"choices": [choice] * choices}
+
+    assert completion_reply(answer()) == completion_reply(answer(finish="length")) == "Hi."
+    for odd in (answer(finish="tool_calls"), answer(finish=None), answer(finish=["stop"]), answer(finish={}),
+                answer(message={"content": None}), answer(message={"content": ["Hi."]}), answer(message="Hi."),
+                answer(choices=2), answer(choices=0), {"choices": "Hi."}, {}):
+        assert completion_reply(odd) is None, odd
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_after_a_v1_completion_its_next_turn_is_read_and_starts_the_next_prompt(fake, event_log, stream):
     client = fake.client

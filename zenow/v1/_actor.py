@@ -26,7 +26,7 @@ from ..errors import ActorCrashed, UpstreamError, ZenowError
 from ..event_stream import DataLines, decode_literal
 from ..servers import STREAM_HEADERS, batched_reads, upstream_client
 from ..settings import DEFAULT_STREAM_BATCH_WINDOW
-from ._readahead import ENDED_WELL, ReadAhead
+from ._readahead import ReadAhead, ended_well
 from ._shapes import DONE, chat_chunk, content_chunk_event, error_event, sse, upstream_failure
 
 __all__ = ["ChatStreamCall", "UpstreamActor", "UpstreamCall"]
@@ -185,7 +185,7 @@ async def _stream_chat(http: httpx.AsyncClient, call: ChatStreamCall, frames: tr
                     for payload in lines.feed(data):
                         if payload == b"[DONE]":
                             read_ahead = call.read_ahead
-                            if read_ahead is not None and contents and finish_reason in ENDED_WELL:
+                            if read_ahead is not None and contents and ended_well(finish_reason):
                                 read_ahead.ended(decode_literal(b"".join(contents)))
                             await frames.send(DONE)
                             if read_ahead is not None:  # the end went out: closing the response may be cancelled

@@ -25,7 +25,8 @@ import trio
 
 from ..servers import ModelGate, prefill
 
-__all__ = ["ENDED_WELL", "PREFILL_DEADLINE", "ReadAhead", "ReadAheads", "completion_reply", "plain_conversation"]
+__all__ = ["PREFILL_DEADLINE", "ReadAhead", "ReadAheads", "completion_reply", "ended_well",
+           "plain_conversation"]
 
 #: Seconds a read ahead may take; the conversation's next request waits for it meanwhile.
 PREFILL_DEADLINE = 30.0
@@ -33,7 +34,7 @@ PREFILL_DEADLINE = 30.0
 _TEMPLATE_OPTIONS = frozenset({"tools", "tool_choice", "functions", "function_call", "chat_template_kwargs"})
 _PLAIN_ROLES = frozenset({"system", "user", "assistant"})
 #: The finish reasons of a reply the conversation may go on from.
-ENDED_WELL = frozenset({"stop", "length"})
+_ENDED_WELL = ("stop", "length")
 
 #: A conversation as compared: each message's role and its text, stripped (a client may trim the reply).
 _Key = tuple[tuple[str, str], ...]
@@ -62,7 +63,13 @@ def completion_reply(answer: Mapping[str, Any]) -> str | None:
         ended = choice["finish_reason"]
     except (KeyError, TypeError, ValueError):
         return None
-    return content if isinstance(content, str) and ended in ENDED_WELL else None
+    return content if isinstance(content, str) and ended_well(ended) else None
+
+
+def ended_well(finish_reason: object) -> bool:
+    """Whether a reply with `finish_reason` (as llama-server sent it: any JSON) is one the conversation
+    may go on from."""
+    return isinstance(finish_reason, str) and finish_reason in _ENDED_WELL
 
 
 def _key(messages: list[dict[str, str]]) -> _Key:
