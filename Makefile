@@ -63,6 +63,9 @@ bench: install llama-server socat $(SMOLLM2)
 	# the chat benchmarks again with a model as slow as a 0.5-1B one (random weights, written by the benchmark)
 	for b in chat_overhead parallel_chats; do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" \
 	  $(PY) bench/$$b.py --model synthetic --name $${b}_synthetic || exit 1; done
+	# long conversations again through /v1 (an OpenAI client sending the whole history)
+	ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
+	  $(PY) bench/long_conversations.py --via v1 --name long_conversations_v1
 
 bench-quick: install llama-server socat $(SMOLLM2)
 	for b in $(BENCHES); do ZENOW_LLAMA_SERVER="$$(ops/provide-llama-server.sh)" ZENOW_TEST_SMOLLM2="$$(cat $(SMOLLM2))" \
