@@ -20,7 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,34 @@ async def wait_llm_running(client: httpx.AsyncClient) -> None:
         # another process's state: polled under a deadline
         while (await client.get("/api/server/status", params={"mode": "llm"})).json()["status"] != "running":  # noqa: ASYNC110
             await trio.sleep(0.1)
+
+
+@asynccontextmanager
+async def zenow_serving_llm(nursery: trio.Nursery, home: Path,
+                            args: argparse.Namespace) -> AsyncIterator[tuple[Child, httpx.AsyncClient, str]]:
+    """zenow (`--zenow-path`'s, with the `--zenow-arg`s) serving the llm model of `--model` from `home`,
+    that model running, and a client of it; zenow stopped on leaving.  Yields (zenow, client, model file)."""
+    model = await trio.to_thread.run_sync(llm_model, args.model, home)  # writes 824 MB for synthetic
+    zenow = await start_zenow(nursery, home, "--default-llm", model, *args.zenow_arg,
+                              env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()), python_path=args.zenow_path)
+    try:
+        async with client(zenow.url) as http:
+            await wait_llm_running(http)
+            yield zenow, http, model
+    finally:
+        await zenow.stop()
+
+
+@asynccontextmanager
+async def llama_server_like(nursery: trio.Nursery, zenow: Child) -> AsyncIterator[tuple[Child, list[str]]]:
+    """The baseline: a llama-server started with the flags zenow's llm child runs with now (on another
+    port); stopped on leaving.  Yields it and the child's command line."""
+    argv = await llm_child_argv(zenow)
+    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
+    try:
+        yield baseline, argv
+    finally:
+        await baseline.stop()
 
 
 # ---------------------------------------------------------------- streamed chats, timed from the client

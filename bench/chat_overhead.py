@@ -31,26 +31,20 @@ from _common import (
     Child,
     add_model_option,
     add_run_options,
-    client,
     cpu_seconds,
     fmt,
-    llama_server_binary,
-    llm_child_argv,
-    llm_model,
+    llama_server_like,
     median,
     p90,
     prefill_count,
     prefilling,
     prefills_done,
     run_and_record,
-    same_flags_other_port,
-    start_llama_server,
     start_relay,
-    start_zenow,
     table,
     timed_stream,
     wait_llm_running,
-    zenow_env,
+    zenow_serving_llm,
 )
 
 RELAY = "llama-server via socat"
@@ -62,31 +56,20 @@ QUESTION = "Write a short story about a lighthouse keeper who finds a message in
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
-        async with trio.open_nursery() as nursery:
-            model = await trio.to_thread.run_sync(llm_model, args.model, Path(home))  # writes 824 MB for synthetic
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", model, *args.zenow_arg,
-                                      env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
-                                      python_path=args.zenow_path)
-            try:
-                async with client(zenow.url) as http:
-                    await wait_llm_running(http)
-                    if args.threads:  # both llama-servers get the same -t (zenow's child restarts)
-                        await http.post("/api/models/update_param", json={"threads": args.threads})
-                        await wait_llm_running(http)
-                    argv = await llm_child_argv(zenow)
-                    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
-                    relay = None if args.no_relay else await start_relay(nursery, baseline.url)
-                    try:
-                        results = await measure(args, http, zenow.pid, baseline.url, relay)
-                        results["llama_server_threads"] = int(argv[argv.index("-t") + 1])
-                        results["model"] = Path(model).name
-                        return results
-                    finally:
-                        if relay is not None:
-                            await relay.stop()
-                        await baseline.stop()
-            finally:
-                await zenow.stop()
+        async with trio.open_nursery() as nursery, zenow_serving_llm(nursery, Path(home), args) as (zenow, http, model):
+            if args.threads:  # both llama-servers get the same -t (zenow's child restarts)
+                await http.post("/api/models/update_param", json={"threads": args.threads})
+                await wait_llm_running(http)
+            async with llama_server_like(nursery, zenow) as (baseline, argv):
+                relay = None if args.no_relay else await start_relay(nursery, baseline.url)
+                try:
+                    results = await measure(args, http, zenow.pid, baseline.url, relay)
+                finally:
+                    if relay is not None:
+                        await relay.stop()
+                results["llama_server_threads"] = int(argv[argv.index("-t") + 1])
+                results["model"] = Path(model).name
+                return results
 
 
 async def measure(args: argparse.Namespace, http: Any, zenow_pid: int, llama_url: str,

@@ -49,22 +49,16 @@ import trio
 from _common import (
     add_model_option,
     add_run_options,
-    client,
     fmt,
-    llama_server_binary,
-    llm_child_argv,
-    llm_model,
+    llama_server_like,
     median,
     p90,
     prefilling,
     run_and_record,
-    same_flags_other_port,
-    start_llama_server,
-    start_zenow,
     table,
     timed_stream,
     wait_llm_running,
-    zenow_env,
+    zenow_serving_llm,
 )
 
 from zenow.chat._prompt import Turn, history_in_steps
@@ -77,26 +71,12 @@ FILLER = ("In the valley the river turned twice before the old mill, where the m
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
-        async with trio.open_nursery() as nursery:
-            model = await trio.to_thread.run_sync(llm_model, args.model, Path(home))  # writes 824 MB for synthetic
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", model, *args.zenow_arg,
-                                      env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
-                                      python_path=args.zenow_path)
-            try:
-                async with client(zenow.url) as http:
-                    await wait_llm_running(http)
-                    await http.post("/api/models/update_param",
-                                    json={"context_size": CONTEXT, "flash_attn": args.flash_attn})
-                    await wait_llm_running(http)
-                    argv = await llm_child_argv(zenow)  # the child started with CONTEXT
-                    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
-                    try:
-                        results = await measure(args, http, baseline.url)
-                        results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
-                    finally:
-                        await baseline.stop()
-            finally:
-                await zenow.stop()
+        async with trio.open_nursery() as nursery, zenow_serving_llm(nursery, Path(home), args) as (zenow, http, model):
+            await http.post("/api/models/update_param", json={"context_size": CONTEXT, "flash_attn": args.flash_attn})
+            await wait_llm_running(http)
+            async with llama_server_like(nursery, zenow) as (baseline, argv):  # the child started with CONTEXT
+                results = await measure(args, http, baseline.url)
+                results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
         # what llama-server computed for each prompt (its log is complete once zenow stopped)
         log = (Path(home) / "logs" / "llama-server-llm.log").read_text(errors="replace")
         prompts = {int(task): int(n) for task, n in

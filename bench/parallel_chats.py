@@ -28,24 +28,17 @@ import trio
 from _common import (
     add_model_option,
     add_run_options,
-    client,
     fmt,
-    llama_server_binary,
-    llm_child_argv,
-    llm_model,
+    llama_server_like,
     median,
     p90,
     prefill_count,
     prefilling,
     prefills_done,
     run_and_record,
-    same_flags_other_port,
-    start_llama_server,
-    start_zenow,
     table,
     timed_stream,
-    wait_llm_running,
-    zenow_env,
+    zenow_serving_llm,
 )
 
 SYSTEM = "You are a helpful assistant."
@@ -55,26 +48,13 @@ TOPICS = ["a lighthouse", "a mountain village", "a robot gardener", "a lost cat"
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as home:
-        async with trio.open_nursery() as nursery:
-            model = await trio.to_thread.run_sync(llm_model, args.model, Path(home))  # writes 824 MB for synthetic
-            zenow = await start_zenow(nursery, Path(home), "--default-llm", model, *args.zenow_arg,
-                                      env=zenow_env(ZENOW_LLAMA_SERVER=llama_server_binary()),
-                                      python_path=args.zenow_path)
-            try:
-                async with client(zenow.url) as http:
-                    await wait_llm_running(http)
-                    await http.post("/api/models/update_param", json={"system_prompt": SYSTEM})
-                    argv = await llm_child_argv(zenow)
-                    baseline = await start_llama_server(nursery, same_flags_other_port(argv))
-                    try:
-                        results = await measure(args, http, baseline.url)
-                        results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
-                        results["model"] = Path(model).name
-                        return results
-                    finally:
-                        await baseline.stop()
-            finally:
-                await zenow.stop()
+        async with trio.open_nursery() as nursery, zenow_serving_llm(nursery, Path(home), args) as (zenow, http, model):
+            await http.post("/api/models/update_param", json={"system_prompt": SYSTEM})
+            async with llama_server_like(nursery, zenow) as (baseline, argv):
+                results = await measure(args, http, baseline.url)
+                results["llama_server_flags"] = " ".join(a for a in argv[3:] if not a.startswith("/"))
+                results["model"] = Path(model).name
+                return results
 
 
 async def one_batch(http: Any, path: str, llama_url: str, count: int, tokens: int,
