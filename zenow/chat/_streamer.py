@@ -80,8 +80,6 @@ SPECIAL_TOKENS_MARGIN = 8
 STORE_DEADLINE = 30.0
 #: Seconds the request's messages wait, once the first token came, for its delivery to the client.
 DELIVERY_WAIT = 0.05
-#: Seconds the next turn's prefill may take (the session's next chat waits for it meanwhile).
-PREFILL_DEADLINE = 30.0
 
 
 @dataclass(frozen=True)
@@ -365,8 +363,7 @@ class ChatStreamerActor(Actor):
                 send.close()  # the client has the whole reply; the session's next chat waits for the prefill
                 endpoint = status.endpoint
                 if conversation is not None and endpoint is not None and self.llm.gate.a_slot_to_spare():
-                    with trio.move_on_after(PREFILL_DEADLINE):
-                        await prefill(self._http, endpoint, status.auth_headers(), conversation)
+                    await prefill(self._http, endpoint, status.auth_headers(), conversation)
             finally:
                 lease.release()
 

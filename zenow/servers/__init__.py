@@ -28,5 +28,6 @@ from ._gguf import read_gguf_info as read_gguf_info
 from ._idle import Activity as Activity
 from ._params import SERVER_KEYS as SERVER_KEYS
 from ._prefill import PLACEHOLDER as PLACEHOLDER
+from ._prefill import PREFILL_DEADLINE as PREFILL_DEADLINE
 from ._prefill import next_turn_prefix as next_turn_prefix
 from ._prefill import prefill as prefill

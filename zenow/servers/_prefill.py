@@ -29,13 +29,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import trio
 
 from .. import metrics
 
-__all__ = ["PLACEHOLDER", "next_turn_prefix", "prefill"]
+__all__ = ["PLACEHOLDER", "PREFILL_DEADLINE", "next_turn_prefix", "prefill"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a prefill may take (the conversation's next request waits for it meanwhile).
+PREFILL_DEADLINE = 30.0
 #: The next user message's stand-in: text no template changes and no conversation holds.
 PLACEHOLDER = "<<zenow: the next message>>"
 
@@ -50,8 +53,17 @@ def next_turn_prefix(rendered: str) -> str | None:
 async def prefill(http: httpx.AsyncClient, endpoint: str, headers: Mapping[str, str],
                   conversation: list[dict[str, Any]]) -> int | None:
     """Have the llama-server at `endpoint` read the prompt every next turn of `conversation` starts
-    with into its cache (counted in `/metrics`); the tokens it computed, or None when it did not (a
-    server without the routes, an error: logged, never raised but for cancellation)."""
+    with into its cache (counted in `/metrics`), in at most `PREFILL_DEADLINE` seconds; the tokens it
+    computed, or None when it did not (a server without the routes, an error: logged; past the deadline;
+    never raised but for cancellation)."""
+    with trio.move_on_after(PREFILL_DEADLINE):
+        return await _prefill(http, endpoint, headers, conversation)
+    log.debug("prefilling the next turn took over %g s", PREFILL_DEADLINE)
+    return None
+
+
+async def _prefill(http: httpx.AsyncClient, endpoint: str, headers: Mapping[str, str],
+                   conversation: list[dict[str, Any]]) -> int | None:
     try:
         rendered = await http.post(f"{endpoint}/apply-template", headers=headers, json={
             "messages": [*conversation, {"role": "user", "content": PLACEHOLDER}]})

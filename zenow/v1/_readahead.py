@@ -25,11 +25,8 @@ import trio
 
 from ..servers import ModelGate, prefill
 
-__all__ = ["PREFILL_DEADLINE", "ReadAhead", "ReadAheads", "completion_reply", "ended_well",
-           "plain_conversation"]
+__all__ = ["ReadAhead", "ReadAheads", "completion_reply", "ended_well", "plain_conversation"]
 
-#: Seconds a read ahead may take; the conversation's next request waits for it meanwhile.
-PREFILL_DEADLINE = 30.0
 #: Options with which llama-server renders the messages otherwise than `/apply-template` does.
 _TEMPLATE_OPTIONS = frozenset({"tools", "tool_choice", "functions", "function_call", "chat_template_kwargs"})
 _PLAIN_ROLES = frozenset({"system", "user", "assistant"})
@@ -98,9 +95,6 @@ class ReadAheads:
     def __init__(self) -> None:
         self._pending: dict[_Key, trio.Event] = {}
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     async def wait_before(self, options: Mapping[str, Any]) -> None:
         """Return once no read ahead of the conversation the request `options` go on with is in
         flight: at once when none is (the usual case, and then the messages are not even looked at)."""
@@ -152,12 +146,11 @@ class ReadAhead:
 
     async def run(self, http: httpx.AsyncClient) -> None:
         """Read the next turn's start into llama-server's cache, when `ended` and `delivered` and the model
-        has a slot to spare (the caller still holds its lease); at most `PREFILL_DEADLINE` seconds.  Then
-        `drop`, whatever happened.  Never raises but for cancellation."""
+        has a slot to spare (the caller still holds its lease); at most `zenow.servers.PREFILL_DEADLINE`
+        seconds.  Then `drop`, whatever happened.  Never raises but for cancellation."""
         try:
             if self._conversation is not None and self.delivered and self.gate.a_slot_to_spare():
-                with trio.move_on_after(PREFILL_DEADLINE):
-                    await prefill(http, self.endpoint, self.headers, self._conversation)
+                await prefill(http, self.endpoint, self.headers, self._conversation)
         finally:
             self.drop()
 
